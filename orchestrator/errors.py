@@ -1,0 +1,93 @@
+"""Domain errors: one place, mapped to HTTP status codes by the API and to exit codes by the CLIs.
+
+Plain Python on purpose: kernels, the planner and verification import this on machines that do not
+have the service's dependencies.
+"""
+
+from __future__ import annotations
+
+
+class RefitError(Exception):
+    """Base of every error refitd raises on purpose. `status_code` is what the API answers."""
+
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(RefitError):
+    """Settings that cannot work (unknown key, unsafe default outside dev mode, missing binary)."""
+
+
+class RedisUnavailable(RefitError):
+    """Redis did not answer."""
+
+    status_code = 503
+
+
+class BadRequest(RefitError):
+    """The request itself is malformed."""
+
+    status_code = 400
+
+
+class InvalidUpdate(RefitError):
+    """The update's content is wrong: not safetensors, missing/extra tensors, shapes, NaN/Inf."""
+
+    status_code = 422
+
+
+class SourceNotAllowed(RefitError):
+    """A path source outside every configured allowed root, or a pickle file."""
+
+    status_code = 400
+
+
+class PayloadTooLarge(RefitError):
+    """An upload over the configured maximum size or tensor count."""
+
+    status_code = 413
+
+
+class NotFound(RefitError):
+    """An unknown update id or version."""
+
+    status_code = 404
+
+
+class Conflict(RefitError):
+    """The request conflicts with the current state (busy, idempotency key reused, bad transition)."""
+
+    status_code = 409
+
+
+class IdempotencyMismatch(RefitError):
+    """The same Idempotency-Key was sent with another body."""
+
+    status_code = 422
+
+
+class StaleTransition(Conflict):
+    """A compare-and-set on a state found another state than the one expected."""
+
+
+class FencedOut(Conflict):
+    """A write carried an epoch (fencing token) older than the current one."""
+
+
+class LockHeld(Conflict):
+    """Another holder owns the lock."""
+
+
+class VerificationFailed(RefitError):
+    """The quantized model drifted from the bf16 reference past the configured thresholds."""
+
+    status_code = 422
+
+
+class RolloutAborted(RefitError):
+    """A rank failed to prepare or missed its deadline; every rank stays on the active version."""
+
+    status_code = 409
