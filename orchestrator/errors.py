@@ -58,7 +58,7 @@ class NotFound(RefitError):
 
 
 class Conflict(RefitError):
-    """The request conflicts with the current state (busy, idempotency key reused, bad transition)."""
+    """The request conflicts with the current state (busy, bad transition)."""
 
     status_code = 409
 

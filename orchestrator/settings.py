@@ -249,4 +249,4 @@ def env_for(settings_path: str) -> str:
     return "REFITD_" + "__".join(part.upper() for part in settings_path.split("."))
 
 
-__all__ = ["Settings", "load_settings", "env_for", "read_yaml", "DEFAULT_CONFIG", "REPO_ROOT"]
+__all__ = ["DEFAULT_CONFIG", "REPO_ROOT", "Settings", "env_for", "load_settings", "read_yaml"]

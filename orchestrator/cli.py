@@ -1,0 +1,152 @@
+"""`refitd`: the daemon (`serve`) and a rank agent for ranks on other hosts (`rank`)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from orchestrator.errors import RefitError
+from orchestrator.settings import Settings, load_settings
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="refitd: versioned, verified, all-or-nothing FP8 weight updates for TP-served LLMs.",
+)
+log = logging.getLogger("refitd")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML settings file (default: configs/refitd.yaml)."),
+]
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One clear line on stderr, then exit."""
+    typer.echo(f"refitd: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except RefitError as exc:
+        fail(exc.message)
+
+
+def _lock_data_dir(settings: Settings) -> int:
+    data_dir = settings.resolved_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "refitd.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"another refitd serve already runs on data directory {data_dir}")
+    return fd
+
+
+@app.command()
+def serve(config: ConfigOption = None, log_level: str = "INFO") -> None:
+    """Run the API server (and, by default, an embedded Redis and the local rank agents)."""
+    setup_logging(log_level)
+    settings = _settings(config)
+    lock_fd = _lock_data_dir(settings)
+    import uvicorn
+
+    from orchestrator.daemon import Refitd
+
+    _Server = _server_class()
+
+    core = Refitd(settings)
+    try:
+        core.start()
+    except RefitError as exc:
+        core.stop()
+        fail(exc.message)
+    try:
+        # orchestrator/ must not import api/ (layering); the app is looked up by name instead.
+        create_app = importlib.import_module("api.main").create_app
+        uvicorn_config = uvicorn.Config(
+            create_app(core),
+            host=settings.server.host,
+            port=settings.server.port,
+            log_level=log_level.lower(),
+            timeout_graceful_shutdown=10,
+        )
+        server = _Server(uvicorn_config)
+        server.run()
+        if not server.started:
+            fail(f"could not listen on {settings.server.host}:{settings.server.port}")
+    finally:
+        core.stop()
+        os.close(lock_fd)
+
+
+@app.command()
+def rank(
+    rank: Annotated[int, typer.Option("--rank", "-r", min=0, help="This agent's TP rank.")],
+    config: ConfigOption = None,
+    log_level: str = "INFO",
+) -> None:
+    """Run one rank agent (for ranks on other hosts; `serve` starts local ones itself)."""
+    setup_logging(log_level)
+    settings = _settings(config)
+    if rank >= settings.ranks.tp_size:
+        fail(f"--rank {rank} is not below ranks.tp_size={settings.ranks.tp_size}")
+    try:
+        from orchestrator.rank_agent import run_rank_agent
+    except ImportError:
+        fail("this build has no rank agent")
+    try:
+        run_rank_agent(settings, rank)
+    except RefitError as exc:
+        fail(exc.message)
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT once it has shut down, which would kill refitd before
+        it stops its rank agents and its Redis; here a signal only asks the server to exit."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            def _exit(signum: int, frame: object) -> None:
+                self.should_exit = True
+
+            previous = {sig: signal.signal(sig, _exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return _Server
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
