@@ -26,11 +26,12 @@ def connect(url: str, *, timeout_s: float = 5.0, wait_s: float = 0.0) -> redis.R
         try:
             client.ping()
             return client
+        # AuthenticationError is a ConnectionError: it must be caught first, and not retried.
+        except redis.AuthenticationError as exc:
+            raise RedisUnavailable(f"Redis at {redact(url)} refused the password: {exc}") from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             if time.monotonic() >= deadline:
                 raise RedisUnavailable(f"Redis at {redact(url)} does not answer: {exc}") from None
-        except redis.AuthenticationError as exc:
-            raise RedisUnavailable(f"Redis at {redact(url)} refused the password: {exc}") from None
         time.sleep(0.05)
 
 

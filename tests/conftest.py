@@ -6,11 +6,13 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -114,3 +116,94 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         if name.startswith("REFITD_"):
             monkeypatch.delenv(name)
     return monkeypatch
+
+
+@dataclass
+class DaemonProcess:
+    """A real `refitd serve` process on a free port."""
+
+    data_dir: Path
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[str] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *args: str, wait: bool = True) -> DaemonProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REFITD_")}
+        env.update(
+            {
+                "REFITD_DATA_DIR": str(self.data_dir),
+                "REFITD_SERVER__PORT": str(self.port),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.env)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir / "daemon.log"
+        log = self.log_path.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "serve", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO_ROOT,
+        )
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout_s: float = 30.0) -> None:
+        def _up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"refitd serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(_up, timeout_s=timeout_s)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start real `refitd serve` processes; every one is stopped after the test."""
+    started: list[DaemonProcess] = []
+
+    def _start(
+        env: dict[str, str] | None = None,
+        *args: str,
+        data_dir: Path | None = None,
+        wait: bool = True,
+    ) -> DaemonProcess:
+        daemon = DaemonProcess(data_dir or tmp_path / "data", dict(env or {}))
+        started.append(daemon)
+        return daemon.start(*args, wait=wait)
+
+    yield _start
+    for daemon in started:
+        daemon.stop()

@@ -1,0 +1,97 @@
+"""`refitd serve` as a real process: up, ready-or-why, clean stop, restart keeps state."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestrator.redis_client import connect
+from orchestrator.settings import REPO_ROOT
+from tests.conftest import DaemonProcess
+
+DEV = {"REFITD_DEV_MODE": "true", "REFITD_RANKS__LAUNCH": "external"}
+
+
+def _redis_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-x", "redis-server"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_serve_answers_health_and_stops_its_redis(start_daemon, tmp_path: Path) -> None:
+    before = _redis_pids()
+    daemon: DaemonProcess = start_daemon(DEV)
+    assert httpx.get(f"{daemon.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{daemon.url}/readyz")
+    assert ready.status_code == 503
+    assert "no version" in ready.json()["reason"]
+    ours = _redis_pids() - before
+    assert len(ours) == 1, "serve starts exactly one embedded redis-server"
+    assert "embedded redis-server pid" in daemon.log()
+
+    assert daemon.stop() == 0
+    assert not (_redis_pids() & ours), "stopping the daemon leaves no redis-server running"
+    assert "embedded redis-server stopped" in daemon.log()
+
+
+def test_restart_on_the_same_data_dir_finds_its_keys(start_daemon, tmp_path: Path) -> None:
+    daemon = start_daemon(DEV)
+    url = _embedded_url(daemon)
+    with connect(url) as client:
+        client.set("refitd:probe", "still-here")
+    daemon.stop()
+    again = start_daemon(DEV, data_dir=daemon.data_dir)
+    with connect(_embedded_url(again)) as client:
+        assert client.get("refitd:probe") == "still-here"
+
+
+def test_a_second_daemon_on_the_same_data_dir_is_refused(start_daemon) -> None:
+    first = start_daemon(DEV)
+    second = start_daemon(DEV, data_dir=first.data_dir, wait=False)
+    assert second.proc is not None
+    assert second.proc.wait(30) == 2
+    assert "another refitd serve already runs" in second.log()
+
+
+def _embedded_url(daemon: DaemonProcess) -> str:
+    redis_dir = daemon.data_dir / "redis"
+    ports = re.findall(r"embedded redis-server pid \d+ on 127\.0\.0\.1:(\d+)", daemon.log())
+    password = (redis_dir / "password").read_text().strip()
+    return f"redis://:{password}@127.0.0.1:{ports[-1]}/0"
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({}, (), "auth.trainer_token is not set"),
+        ({"REFITD_DEV_MODE": "true", "REFITD_REDIS__URL": "redis://127.0.0.1:1/0"}, (),
+         "does not answer"),
+        ({"REFITD_DEV_MODE": "true", "REFITD_REDIS__SERVER_BINARY": "no-such-redis"}, (),
+         "not on PATH"),
+        ({"REFITD_DEV_MODE": "true"}, ("--config", "/nonexistent.yaml"), "does not exist"),
+        ({"REFITD_DEV_MODE": "true", "REFITD_RANKS__TP_SIZE": "zero"}, (), "ranks.tp_size"),
+    ],
+)  # fmt: skip
+def test_bad_settings_stop_serve_with_one_line(
+    tmp_path: Path, env: dict[str, str], args: tuple[str, ...], message: str
+) -> None:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("REFITD_")}
+    full_env.update(env, REFITD_DATA_DIR=str(tmp_path / "d"))
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "serve", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("refitd: error:")]
+    assert len(errors) == 1
