@@ -88,10 +88,10 @@ def test_missing_config_file(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 
 def test_tokens_are_required_outside_dev_mode(clean_env: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match="auth.trainer_token is not set"):
+    with pytest.raises(ConfigError, match=r"auth\.trainer_token is not set"):
         load_settings()
     clean_env.setenv("REFITD_AUTH__TRAINER_TOKEN", "t" * 20)
-    with pytest.raises(ConfigError, match="auth.admin_token is not set"):
+    with pytest.raises(ConfigError, match=r"auth\.admin_token is not set"):
         load_settings()
     clean_env.setenv("REFITD_AUTH__ADMIN_TOKEN", "short")
     with pytest.raises(ConfigError, match="shorter than 16"):
