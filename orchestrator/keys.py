@@ -57,6 +57,16 @@ class Keys:
         """Sorted set of update ids by creation time."""
         return self._k("updates")
 
+    @property
+    def update_queue(self) -> str:
+        """List of update ids waiting to run, oldest first."""
+        return self._k("updates", "queue")
+
+    @property
+    def update_running(self) -> str:
+        """List holding the id of the update the pipeline runs now (moved from the queue)."""
+        return self._k("updates", "running")
+
     def idempotency(self, key: str) -> str:
         """Hash: body digest and update id of an Idempotency-Key."""
         return self._k("idempotency", key)
