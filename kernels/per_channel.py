@@ -1,13 +1,181 @@
-"""Per-output-channel FP8 e4m3fn quantization: the plain-torch reference and dequantization.
+"""Per-output-channel FP8 e4m3fn quantization: Triton kernel, launcher, plain-torch reference,
+dequantization. The fallback for tensors (or TP shards, or fused parts) that are not multiples
+of 128.
 
-The fallback for tensors (or TP shards, or fused parts) that are not multiples of 128.
+scale = amax(|row|) / 448 (fp32, [M, 1]); q = clamp(x * (448 / amax), -448, 448) cast to
+e4m3fn, the same arithmetic as the blockwise kernel (kernels/fp8.py).
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
 
-from kernels.fp8 import FP8_DTYPE, scale_and_clamp, scale_from_amax, to_bf16
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _tables
+from kernels.blockwise import Backend, use_triton
+from kernels.config import PerChannelConfig, configs_for_tensor
+from kernels.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    SCALE_EPS,
+    cdiv,
+    check_weight,
+    scale_and_clamp,
+    scale_from_amax,
+    to_bf16,
+)
+
+
+@triton.jit
+def _per_channel_fp8_kernel(
+    x_ptr,  # bf16: the launch's base input; tensor t starts at x_ptr + meta[t, X_OFF]
+    q_ptr,  # (Q,) fp8 e4m3fn: every output of the call; tensor t's [M, N] at meta[t, Q_OFF]
+    s_ptr,  # (S,) fp32: every scale of the call; tensor t's [M] at meta[t, S_OFF]
+    meta_ptr,  # (T, 8) int64: x_off, q_off, s_off, M, N, first row group, -, -
+    group_tensor_ptr,  # (num_groups,) int32: meta row of each group of ROWS rows
+    ROWS: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # columns per load: >= N when SINGLE_PASS, else a chunk
+    SINGLE_PASS: tl.constexpr,  # whole rows fit in registers: read each element once
+    ALIGNED: tl.constexpr,  # every tensor's rows start on 16 bytes (see _tables.is_aligned)
+    FP8_MAX: tl.constexpr,
+    SCALE_EPS: tl.constexpr,
+):
+    g = tl.program_id(0)
+    meta = meta_ptr + tl.load(group_tensor_ptr + g).to(tl.int64) * 8
+    x_off = tl.load(meta + 0)
+    q_off = tl.load(meta + 1)
+    s_off = tl.load(meta + 2)
+    m = tl.load(meta + 3)
+    n = tl.load(meta + 4)
+    row0 = (g - tl.load(meta + 5)) * ROWS
+    n32 = n.to(tl.int32)
+    if ALIGNED:
+        # Offsets read from a table carry no alignment facts; without these hints the compiler
+        # emits 2-byte loads and 1-byte stores instead of 16-byte ones.
+        x_off = tl.multiple_of(x_off, 16)
+        q_off = tl.multiple_of(q_off, 16)
+        n = tl.multiple_of(n, 16)
+        n32 = tl.multiple_of(n32, 16)
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < m - row0
+    start = row0 * n  # int64: the group's first element may lie past 2**31
+    x_rows = x_ptr + (x_off + start)
+    q_rows = q_ptr + (q_off + start)
+    fp8_max = tl.full([ROWS], FP8_MAX, tl.float32)
+    if SINGLE_PASS:
+        inner = rows[:, None] * n32 + cols[None, :]
+        mask = row_ok[:, None] & (cols[None, :] < n32)
+        x = tl.load(x_rows + inner, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), SCALE_EPS)
+        # div_rn: IEEE division, as torch does (a plain `/` may be approximate).
+        scale = tl.math.div_rn(amax, fp8_max)
+        multiplier = tl.math.div_rn(fp8_max, amax)
+        y = tl.minimum(tl.maximum(x * multiplier[:, None], -FP8_MAX), FP8_MAX)
+        tl.store(q_rows + inner, y.to(tl.float8e4nv), mask=mask)
+    else:
+        # Rows too wide for registers: an amax pass, then a scaling pass that re-reads the
+        # rows, mostly from L2 (a program's rows were read moments before).
+        amax = tl.zeros([ROWS], dtype=tl.float32)
+        for c0 in range(0, n32, BLOCK_N):
+            inner = rows[:, None] * n32 + (c0 + cols)[None, :]
+            mask = row_ok[:, None] & ((c0 + cols)[None, :] < n32)
+            x = tl.load(x_rows + inner, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        amax = tl.maximum(amax, SCALE_EPS)
+        scale = tl.math.div_rn(amax, fp8_max)
+        multiplier = tl.math.div_rn(fp8_max, amax)
+        for c0 in range(0, n32, BLOCK_N):
+            inner = rows[:, None] * n32 + (c0 + cols)[None, :]
+            mask = row_ok[:, None] & ((c0 + cols)[None, :] < n32)
+            x = tl.load(x_rows + inner, mask=mask, other=0.0).to(tl.float32)
+            y = tl.minimum(tl.maximum(x * multiplier[:, None], -FP8_MAX), FP8_MAX)
+            tl.store(q_rows + inner, y.to(tl.float8e4nv), mask=mask)
+    tl.store(s_ptr + s_off + row0 + rows, scale, mask=row_ok)
+
+
+def _tile(n: int, cfg: PerChannelConfig) -> tuple[int, int, bool]:
+    """(ROWS, BLOCK_N, SINGLE_PASS) for rows of n elements."""
+    width = triton.next_power_of_2(n)
+    if width <= cfg.max_single_pass_n:
+        return max(1, cfg.tile_elems // width), width, True
+    return max(1, cfg.tile_elems // cfg.chunk_n), cfg.chunk_n, False
+
+
+def launch_per_channel(
+    ws: Sequence[torch.Tensor], config: PerChannelConfig | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Quantize 2-D tensors of one device, one launch per (alignment, row tile) class: a few
+    launches for a whole model (Qwen3-8B: rows of 4096 and of 12288, so two).
+
+    Outputs are views into one fp8 and one fp32 buffer allocated for the whole call.
+    """
+    ws = [to_bf16(w) for w in ws]
+    if not ws:
+        return []
+    device = ws[0].device
+    if any(w.device != device for w in ws):
+        raise ValueError("launch_per_channel takes tensors of one device; group them first")
+    cfg = config or configs_for_tensor(ws[0]).per_channel
+    shapes = [(w.shape[0], w.shape[1]) for w in ws]
+    q_offs, q_total = _tables.packed_offsets([m * n for m, n in shapes], _tables.Q_ALIGN)
+    s_offs, s_total = _tables.packed_offsets([m for m, _ in shapes], 1)
+    q_flat = torch.empty(q_total, dtype=FP8_DTYPE, device=device)
+    s_flat = torch.empty(s_total, dtype=torch.float32, device=device)
+    launches: dict[tuple[bool, tuple[int, int, bool]], list[int]] = {}
+    for aligned, idx in _tables.alignment_groups(ws):
+        for i in idx:
+            launches.setdefault((aligned, _tile(shapes[i][1], cfg)), []).append(i)
+    for (aligned, (rows_per_prog, block_n, single_pass)), idx in launches.items():
+        base = ws[idx[0]]
+        rows, counts, first = [], [], 0
+        for i in idx:
+            m, n = shapes[i]
+            x_off = _tables.element_offset(ws[i], base)
+            rows.append([x_off, q_offs[i], s_offs[i], m, n, first])
+            counts.append(cdiv(m, rows_per_prog))
+            first += counts[-1]
+        meta = _tables.meta_table(rows, device)
+        table = _tables.unit_table(tuple(counts), device)
+        _per_channel_fp8_kernel[(first,)](
+            base,
+            q_flat,
+            s_flat,
+            meta,
+            table,
+            ROWS=rows_per_prog,
+            BLOCK_N=block_n,
+            SINGLE_PASS=single_pass,
+            ALIGNED=aligned,
+            FP8_MAX=FP8_MAX,
+            SCALE_EPS=SCALE_EPS,
+            num_warps=cfg.num_warps,
+        )
+    return [
+        (
+            q_flat[q_offs[i] : q_offs[i] + m * n].view(m, n),
+            s_flat[s_offs[i] : s_offs[i] + m].view(m, 1),
+        )
+        for i, (m, n) in enumerate(shapes)
+    ]
+
+
+def quantize_per_channel(
+    w: torch.Tensor, backend: Backend = "auto", config: PerChannelConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel FP8: (q fp8 [M, N], scale fp32 [M, 1]).
+
+    Triton on CUDA tensors, the reference on CPU tensors; backend="triton" forces the kernel
+    (on the CPU only under TRITON_INTERPRET=1). For many tensors use
+    `kernels.grouped.quantize_per_channel_many`.
+    """
+    check_weight(w)
+    if not use_triton([w], backend):
+        return quantize_per_channel_reference(w)
+    return launch_per_channel([w], config)[0]
 
 
 def _reference_scaled(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
