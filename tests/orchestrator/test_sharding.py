@@ -267,6 +267,35 @@ def test_quantize_and_shard_then_unshard_gives_the_whole_quantization(
         _assert_same_state(loaded, shard)
 
 
+def test_a_rank_shard_is_the_quantization_of_that_rank_s_weights() -> None:
+    """Why blockwise needs shards and fused parts on the 128 grid: then cutting the whole-tensor
+    quantization equals quantizing each rank's own slice, as an engine loading bf16 would."""
+    config = QWEN2_5_0_5B  # TP 2: qkv and o per channel, gate_up and down blockwise
+    shapes = layer_shapes(config, 0, fused=True)
+    state = _random_state(shapes, seed=5)
+    plan = plan_model(shapes, 2, config=config)
+    shards = quantize_and_shard(state, plan)
+    for t in plan.tensors.values():
+        if t.scheme is Scheme.NONE or (t.scheme is Scheme.PER_CHANNEL and t.split is Split.ROW):
+            continue  # a row-parallel per-channel scale spans every rank's columns, by design
+        quantize = {
+            Scheme.BLOCKWISE: quantize_blockwise_reference,
+            Scheme.PER_CHANNEL: quantize_per_channel_reference,
+        }[t.scheme]
+        for rank, shard in enumerate(shards):
+            dim = t.split_dim or 0
+            own = _take(state[t.name], dim, list(t.ranges[rank]))
+            q, scale = quantize(own)
+            _assert_same(shard[t.name], q, f"{t.name} rank {rank}")
+            _assert_same(shard[scale_name(t)], scale, f"{t.name} rank {rank} scale")
+    assert {(t.scheme, t.split) for t in plan.tensors.values() if t.scheme is not Scheme.NONE} == {
+        (Scheme.PER_CHANNEL, Split.COLUMN),
+        (Scheme.PER_CHANNEL, Split.ROW),
+        (Scheme.BLOCKWISE, Split.COLUMN),
+        (Scheme.BLOCKWISE, Split.ROW),
+    }
+
+
 def test_dequantize_state_gives_bf16_back_under_the_original_names() -> None:
     config = {**QWEN2_5_0_5B, "vocab_size": 1003}
     shapes = model_shapes(config, fused=True, layers=1)
