@@ -91,10 +91,20 @@ class Keys:
         """Set of transaction ids that have no final outcome yet (recovery reads it)."""
         return self._k("txns", "open")
 
+    @property
+    def active_history(self) -> str:
+        """List of every version a COMMIT decision made active, oldest first (never trimmed)."""
+        return self._k("active", "history")
+
     # Ranks
     def rank(self, rank: int) -> str:
         """Hash: a rank agent's registration, heartbeat, held and staged version, digest."""
         return self._k("rank", rank)
+
+    def rank_alive(self, rank: int) -> str:
+        """String with a TTL of ranks.heartbeat_timeout_s, refreshed by each heartbeat: the rank
+        lives while it exists (Redis's clock judges, so rank hosts' clocks may drift)."""
+        return self._k("rank", rank, "alive")
 
     def rank_inbox(self, rank: int) -> str:
         """Stream of commands to one rank agent (prepare, commit, abort)."""

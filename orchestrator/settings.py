@@ -59,6 +59,8 @@ class RankSettings(_Section):
     heartbeat_interval_s: float = Field(0.5, gt=0)
     heartbeat_timeout_s: float = Field(3.0, gt=0)
     restart_backoff_s: float = Field(0.5, ge=0)
+    fetch: Literal["auto", "path", "http"] = "auto"
+    artifact_url: str | None = None
 
 
 class SourceSettings(_Section):

@@ -1,0 +1,70 @@
+"""What a starting daemon does before it serves: finish what a crashed one left half-done.
+
+1. Take the update lock by force: this daemon runs no pipeline yet, and the fence it gets makes
+   any older holder (a daemon that was SIGKILLed, whose lock has not expired) unable to decide.
+2. Drive every open transaction to its recorded decision: COMMIT is re-sent to the ranks that
+   have not acked it (ranks that restart load the active version by themselves); ABORT is re-sent
+   and the transaction closed; no decision recorded: abort.
+3. Versions caught mid-pipeline (RECEIVED, QUANTIZED, VERIFIED, PREPARED) become ABORTED with the
+   reason "daemon restarted": no pipeline is running to finish them.
+4. Prune artifacts that no rollback can use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.coordinator import IN_FLIGHT, Coordinator
+from orchestrator.errors import StaleTransition
+from orchestrator.lock import UpdateLock
+from orchestrator.versions import VersionStatus, VersionStore
+
+log = logging.getLogger("refitd.recovery")
+
+RESTART_REASON = "daemon restarted"
+# Versions are only ever stuck near the top: one pipeline runs at a time, and every start
+# recovers the ones a crash left behind. This bounds the scan on a long history.
+_SCAN_VERSIONS = 1000
+
+
+@dataclass
+class RecoveryReport:
+    """What recovery found and did."""
+
+    transactions: list[dict[str, Any]] = field(default_factory=list)
+    aborted_versions: list[int] = field(default_factory=list)
+    pruned: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "transactions": self.transactions,
+            "aborted_versions": self.aborted_versions,
+            "pruned": self.pruned,
+        }
+
+
+def recover(coordinator: Coordinator, versions: VersionStore, lock: UpdateLock) -> RecoveryReport:
+    """Run recovery under the update lock (taken by force; see the module docstring)."""
+    report = RecoveryReport()
+    fence = lock.acquire(steal=True)
+    try:
+        report.transactions = coordinator.settle_open(
+            fence=fence, wait=False, reason=f"{RESTART_REASON} before a decision"
+        )
+        for record in versions.list(limit=_SCAN_VERSIONS):
+            if record.status not in IN_FLIGHT:
+                continue
+            try:
+                versions.transition(record.version, VersionStatus.ABORTED, reason=RESTART_REASON)
+            except StaleTransition:
+                continue  # it moved on meanwhile; nothing to recover
+            report.aborted_versions.append(record.version)
+        report.pruned = coordinator.prune()
+    finally:
+        lock.release()
+    if report.transactions or report.aborted_versions:
+        log.warning("recovery: settled %d transaction(s), aborted version(s) %s",
+                    len(report.transactions), report.aborted_versions or "none")  # fmt: skip
+    return report

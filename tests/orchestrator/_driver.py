@@ -1,0 +1,62 @@
+"""A daemon stand-in for crash tests: `python -m tests.orchestrator._driver --config FILE`.
+
+Starts a real Refitd core (Redis connection, recovery; ranks.launch must be external, the test
+runs the agents), prints {"started": true, "recovery": ...}, then for each stdin line
+`rollout V` | `rollback` | `rollback V` takes the update lock, runs it, and prints one JSON line:
+{"ok": true, "result": ...} or {"ok": false, "error": class name, "message": ...}.
+A test SIGKILLs it to crash "the daemon" at a chosen point; --pause-after-decision S sets the
+coordinator's test hook so that point can be "COMMIT recorded, no rank told yet".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from orchestrator.daemon import Refitd
+from orchestrator.errors import RefitError
+from orchestrator.settings import load_settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--pause-after-decision", type=float, default=0.0)
+    args = parser.parse_args()
+    logging.basicConfig(level="INFO", stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    settings = load_settings(args.config)
+    assert settings.ranks.launch == "external"
+    core = Refitd(settings)
+    core.start()
+    core.coordinator.pause_after_decision_s = args.pause_after_decision
+    assert core.recovery is not None
+    print(json.dumps({"started": True, "recovery": core.recovery.to_dict()}), flush=True)
+    try:
+        for line in sys.stdin:
+            words = line.split()
+            if not words:
+                continue
+            try:
+                with core.update_lock(timeout_s=30) as lock:
+                    assert lock.fence is not None
+                    if words[0] == "rollout":
+                        result = core.coordinator.rollout(int(words[1]), fence=lock.fence)
+                    elif words[0] == "rollback":
+                        target = int(words[1]) if len(words) > 1 else None
+                        result = core.coordinator.rollback(target, fence=lock.fence)
+                    else:
+                        raise SystemExit(f"unknown command {line!r}")
+                reply = {"ok": True, "result": result}
+            except RefitError as exc:
+                reply = {"ok": False, "error": type(exc).__name__, "message": exc.message}
+            print(json.dumps(reply), flush=True)
+    finally:
+        core.stop()
+
+
+if __name__ == "__main__":
+    main()
