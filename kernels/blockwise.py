@@ -120,59 +120,64 @@ def use_triton(ws: Sequence[torch.Tensor], backend: Backend) -> bool:
     return True
 
 
+@_tables.cached_layout
+def _layout(key: tuple[tuple[int, int, bool], ...], device: torch.device) -> _tables.Layout:
+    shapes = [(m, n) for m, n, _ in key]
+    blocks = [mb * nb for mb, nb in (scale_shape(m, n) for m, n in shapes)]
+    launch_keys = [aligned if m * n else None for m, n, aligned in key]
+    return _tables.build_layout(shapes, launch_keys, blocks, blocks, device)
+
+
+class BlockwiseCall:
+    """One call made ready: layout looked up, tables on the GPU, outputs allocated.
+    `launch()` runs the kernels (at most two launches: aligned and unaligned rows)."""
+
+    def __init__(self, ws: Sequence[torch.Tensor], config: BlockwiseConfig | None = None):
+        self.ws = [to_bf16(w) for w in ws]
+        if not self.ws:
+            raise ValueError("nothing to quantize")
+        device = self.ws[0].device
+        if any(w.device != device for w in self.ws):
+            raise ValueError("one call takes tensors of one device; group them first")
+        self.cfg = config or configs_for_tensor(self.ws[0]).blockwise
+        key = tuple((w.shape[0], w.shape[1], _tables.is_aligned(w)) for w in self.ws)
+        self.layout = _layout(key, device)
+        self.q_flat = torch.empty(self.layout.q_total, dtype=FP8_DTYPE, device=device)
+        self.s_flat = torch.empty(self.layout.s_total, dtype=torch.float32, device=device)
+        self.metas = [_tables.meta_for(g, self.ws) for g in self.layout.groups]
+
+    def launch(self) -> None:
+        for group, meta in zip(self.layout.groups, self.metas, strict=True):
+            _blockwise_fp8_kernel[(cdiv(group.num_units, self.cfg.blocks_per_prog),)](
+                self.ws[group.idx[0]],
+                self.q_flat,
+                self.s_flat,
+                meta,
+                group.units,
+                group.num_units,
+                BLOCK_SIZE=BLOCK,
+                BLOCKS_PER_PROG=self.cfg.blocks_per_prog,
+                ALIGNED=group.key,
+                FP8_MAX=FP8_MAX,
+                SCALE_EPS=SCALE_EPS,
+                num_warps=self.cfg.num_warps,
+            )
+
+    def outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(q [M, N], scale_inv [Mb, Nb])]: views into the call's two buffers."""
+        return _tables.output_views(self.layout, self.q_flat, self.s_flat, scale_shape)
+
+
 def launch_blockwise(
     ws: Sequence[torch.Tensor], config: BlockwiseConfig | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Quantize 2-D tensors of one device with one launch per alignment class (at most two).
-
-    Outputs are views into one fp8 and one fp32 buffer allocated for the whole call.
-    """
-    ws = [to_bf16(w) for w in ws]
+    """Quantize 2-D tensors of one device in one launch (two if some rows are not 16-byte
+    aligned). Outputs are views into one fp8 and one fp32 buffer for the whole call."""
     if not ws:
         return []
-    device = ws[0].device
-    if any(w.device != device for w in ws):
-        raise ValueError("launch_blockwise takes tensors of one device; group them first")
-    cfg = config or configs_for_tensor(ws[0]).blockwise
-    shapes = [(w.shape[0], w.shape[1]) for w in ws]
-    block_counts = [mb * nb for mb, nb in (scale_shape(m, n) for m, n in shapes)]
-    q_offs, q_total = _tables.packed_offsets([m * n for m, n in shapes], _tables.Q_ALIGN)
-    s_offs, s_total = _tables.packed_offsets(block_counts, 1)
-    q_flat = torch.empty(q_total, dtype=FP8_DTYPE, device=device)
-    s_flat = torch.empty(s_total, dtype=torch.float32, device=device)
-    for aligned, idx in _tables.alignment_groups(ws):
-        base = ws[idx[0]]
-        rows, counts, first = [], [], 0
-        for i in idx:
-            m, n = shapes[i]
-            x_off = _tables.element_offset(ws[i], base)
-            rows.append([x_off, q_offs[i], s_offs[i], m, n, first])
-            counts.append(block_counts[i])
-            first += block_counts[i]
-        meta = _tables.meta_table(rows, device)
-        table = _tables.unit_table(tuple(counts), device)
-        grid = (cdiv(first, cfg.blocks_per_prog),)
-        _blockwise_fp8_kernel[grid](
-            base,
-            q_flat,
-            s_flat,
-            meta,
-            table,
-            first,
-            BLOCK_SIZE=BLOCK,
-            BLOCKS_PER_PROG=cfg.blocks_per_prog,
-            ALIGNED=aligned,
-            FP8_MAX=FP8_MAX,
-            SCALE_EPS=SCALE_EPS,
-            num_warps=cfg.num_warps,
-        )
-    return [
-        (
-            q_flat[q_offs[i] : q_offs[i] + m * n].view(m, n),
-            s_flat[s_offs[i] : s_offs[i] + block_counts[i]].view(scale_shape(m, n)),
-        )
-        for i, (m, n) in enumerate(shapes)
-    ]
+    call = BlockwiseCall(ws, config)
+    call.launch()
+    return call.outputs()
 
 
 def quantize_blockwise(

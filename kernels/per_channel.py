@@ -9,6 +9,7 @@ e4m3fn, the same arithmetic as the blockwise kernel (kernels/fp8.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import triton
@@ -105,62 +106,76 @@ def _tile(n: int, cfg: PerChannelConfig) -> tuple[int, int, bool]:
     return max(1, cfg.tile_elems // cfg.chunk_n), cfg.chunk_n, False
 
 
+@_tables.cached_layout
+def _layout(
+    key: tuple[tuple[int, int, bool], ...], cfg: PerChannelConfig, device: torch.device
+) -> _tables.Layout:
+    shapes = [(m, n) for m, n, _ in key]
+    tiles = [_tile(n, cfg) for _, n in shapes]
+    launch_keys = [
+        (aligned, tile) if m * n else None for (m, n, aligned), tile in zip(key, tiles, strict=True)
+    ]
+    groups = [cdiv(m, tile[0]) for (m, _), tile in zip(shapes, tiles, strict=True)]
+    return _tables.build_layout(shapes, launch_keys, [m for m, _ in shapes], groups, device)
+
+
+def _scale_shape(m: int, n: int) -> tuple[int, int]:
+    return m, 1
+
+
+class PerChannelCall:
+    """One call made ready: layout looked up, tables on the GPU, outputs allocated.
+    `launch()` runs the kernels, one launch per (alignment, row tile) class: a few per model
+    (Qwen3-8B: rows of 4096 and of 12288, so two)."""
+
+    def __init__(self, ws: Sequence[torch.Tensor], config: PerChannelConfig | None = None):
+        self.ws = [to_bf16(w) for w in ws]
+        if not self.ws:
+            raise ValueError("nothing to quantize")
+        device = self.ws[0].device
+        if any(w.device != device for w in self.ws):
+            raise ValueError("one call takes tensors of one device; group them first")
+        self.cfg = config or configs_for_tensor(self.ws[0]).per_channel
+        key = tuple((w.shape[0], w.shape[1], _tables.is_aligned(w)) for w in self.ws)
+        self.layout = _layout(key, self.cfg, device)
+        self.q_flat = torch.empty(self.layout.q_total, dtype=FP8_DTYPE, device=device)
+        self.s_flat = torch.empty(self.layout.s_total, dtype=torch.float32, device=device)
+        self.metas = [_tables.meta_for(g, self.ws) for g in self.layout.groups]
+
+    def launch(self) -> None:
+        for group, meta in zip(self.layout.groups, self.metas, strict=True):
+            key = cast(tuple[bool, tuple[int, int, bool]], group.key)
+            aligned, (rows_per_prog, block_n, single_pass) = key
+            _per_channel_fp8_kernel[(group.num_units,)](
+                self.ws[group.idx[0]],
+                self.q_flat,
+                self.s_flat,
+                meta,
+                group.units,
+                ROWS=rows_per_prog,
+                BLOCK_N=block_n,
+                SINGLE_PASS=single_pass,
+                ALIGNED=aligned,
+                FP8_MAX=FP8_MAX,
+                SCALE_EPS=SCALE_EPS,
+                num_warps=self.cfg.num_warps,
+            )
+
+    def outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(q [M, N], scale [M, 1])]: views into the call's two buffers."""
+        return _tables.output_views(self.layout, self.q_flat, self.s_flat, _scale_shape)
+
+
 def launch_per_channel(
     ws: Sequence[torch.Tensor], config: PerChannelConfig | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Quantize 2-D tensors of one device, one launch per (alignment, row tile) class: a few
-    launches for a whole model (Qwen3-8B: rows of 4096 and of 12288, so two).
-
-    Outputs are views into one fp8 and one fp32 buffer allocated for the whole call.
-    """
-    ws = [to_bf16(w) for w in ws]
+    """Quantize 2-D tensors of one device in a few launches (see PerChannelCall). Outputs are
+    views into one fp8 and one fp32 buffer for the whole call."""
     if not ws:
         return []
-    device = ws[0].device
-    if any(w.device != device for w in ws):
-        raise ValueError("launch_per_channel takes tensors of one device; group them first")
-    cfg = config or configs_for_tensor(ws[0]).per_channel
-    shapes = [(w.shape[0], w.shape[1]) for w in ws]
-    q_offs, q_total = _tables.packed_offsets([m * n for m, n in shapes], _tables.Q_ALIGN)
-    s_offs, s_total = _tables.packed_offsets([m for m, _ in shapes], 1)
-    q_flat = torch.empty(q_total, dtype=FP8_DTYPE, device=device)
-    s_flat = torch.empty(s_total, dtype=torch.float32, device=device)
-    launches: dict[tuple[bool, tuple[int, int, bool]], list[int]] = {}
-    for aligned, idx in _tables.alignment_groups(ws):
-        for i in idx:
-            launches.setdefault((aligned, _tile(shapes[i][1], cfg)), []).append(i)
-    for (aligned, (rows_per_prog, block_n, single_pass)), idx in launches.items():
-        base = ws[idx[0]]
-        rows, counts, first = [], [], 0
-        for i in idx:
-            m, n = shapes[i]
-            x_off = _tables.element_offset(ws[i], base)
-            rows.append([x_off, q_offs[i], s_offs[i], m, n, first])
-            counts.append(cdiv(m, rows_per_prog))
-            first += counts[-1]
-        meta = _tables.meta_table(rows, device)
-        table = _tables.unit_table(tuple(counts), device)
-        _per_channel_fp8_kernel[(first,)](
-            base,
-            q_flat,
-            s_flat,
-            meta,
-            table,
-            ROWS=rows_per_prog,
-            BLOCK_N=block_n,
-            SINGLE_PASS=single_pass,
-            ALIGNED=aligned,
-            FP8_MAX=FP8_MAX,
-            SCALE_EPS=SCALE_EPS,
-            num_warps=cfg.num_warps,
-        )
-    return [
-        (
-            q_flat[q_offs[i] : q_offs[i] + m * n].view(m, n),
-            s_flat[s_offs[i] : s_offs[i] + m].view(m, 1),
-        )
-        for i, (m, n) in enumerate(shapes)
-    ]
+    call = PerChannelCall(ws, config)
+    call.launch()
+    return call.outputs()
 
 
 def quantize_per_channel(
