@@ -186,6 +186,11 @@ class RankAgent:
             from orchestrator.adapters import make_adapter
 
             self._adapter = make_adapter(self.settings.ranks.device, self.rank)
+            # Imported now, not at the first PREPARE, whose deadline should not pay for it.
+            import safetensors.torch  # noqa: F401
+
+            if self.settings.ranks.fetch != "path":
+                import httpx  # noqa: F401
             self._load_active_until_done()
             log.info("rank %d ready: version %s (epoch %d)",
                      self.rank, self.adapter.active_version, self.epoch)  # fmt: skip

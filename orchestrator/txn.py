@@ -254,10 +254,12 @@ elseif phase == 'COMMITTED' then
     return {'FENCED', who .. ' carries epoch ' .. carried .. ' but the decision was made at epoch '
       .. decision_epoch}
   end
-  if mine == 'COMMITTED' then return {'OK', state} end
-  redis.call('HSET', KEYS[1], 'r' .. rank, 'COMMITTED', 'd' .. rank, ARGV[5])
+  -- The rank hash always shows what the agent now holds: a restarted agent that loads the
+  -- version it had already committed in an earlier life acks it again.
   redis.call('HSET', KEYS[3], 'state', 'READY', 'version', version, 'digest', ARGV[5],
     'epoch', ARGV[4], 'staged_version', '', 'staged_txn', '', 'staged_digest', '')
+  if mine == 'COMMITTED' then return {'OK', state} end
+  redis.call('HSET', KEYS[1], 'r' .. rank, 'COMMITTED', 'd' .. rank, ARGV[5])
   local done = true
   for i = 0, tonumber(tp) - 1 do
     if redis.call('HGET', KEYS[1], 'r' .. i) ~= 'COMMITTED' then done = false end

@@ -153,10 +153,13 @@ class Cluster:
         )
 
     # Versions ------------------------------------------------------------------------------
-    def make_version(self, seed: int | None = None, *, label: str | None = None) -> int:
+    def make_version(
+        self, seed: int | None = None, *, label: str | None = None, shards: list | None = None
+    ) -> int:
         """A VERIFIED version with artifacts, as the update pipeline leaves it for rollout."""
         version = self.versions.create(label=label)
-        shards = random_shards(self.tp_size, seed if seed is not None else version)
+        if shards is None:
+            shards = random_shards(self.tp_size, seed if seed is not None else version)
         info = self.artifacts.write_version(version, shards, metadata={"label": label})
         self.versions.set_fields(version, artifact=info)
         self.versions.transition(version, VersionStatus.QUANTIZED)

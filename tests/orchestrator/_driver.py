@@ -4,8 +4,8 @@ Starts a real Refitd core (Redis connection, recovery; ranks.launch must be exte
 runs the agents), prints {"started": true, "recovery": ...}, then for each stdin line
 `rollout V` | `rollback` | `rollback V` takes the update lock, runs it, and prints one JSON line:
 {"ok": true, "result": ...} or {"ok": false, "error": class name, "message": ...}.
-A test SIGKILLs it to crash "the daemon" at a chosen point; --pause-after-decision S sets the
-coordinator's test hook so that point can be "COMMIT recorded, no rank told yet".
+A test SIGKILLs it to crash "the daemon" at a chosen point; --pause-after-decision S (or the line
+`pause S`) sets the coordinator's test hook so that point can be "COMMIT recorded, no rank told".
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ def main() -> None:
         for line in sys.stdin:
             words = line.split()
             if not words:
+                continue
+            if words[0] == "pause":
+                core.coordinator.pause_after_decision_s = float(words[1])
+                print(json.dumps({"ok": True}), flush=True)
                 continue
             try:
                 with core.update_lock(timeout_s=30) as lock:
