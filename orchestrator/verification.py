@@ -1,18 +1,20 @@
 """Verify an update against BF16 reference logits before any rank sees it.
 
-Two gates, in order:
-1. Structure of the update as sent (before any math): every tensor the model needs, nothing else,
+In order:
+1. Structure of the update as sent, before any math: every tensor the model needs, nothing else,
    the right shapes, a floating dtype, no NaN or Inf. A failure raises InvalidUpdate naming the
    tensors: the trainer sent something wrong.
-2. Logits of the model as the ranks will serve it. The candidate is put back together from the
-   very per-rank shards that will ship (FP8 data and scales, by the TP plan) and computed as
-   SGLang's FP8 linear layers compute; the reference is the same update in bf16. Over a threshold,
-   the report says passed=False with the metrics and the reason: quantization or sharding went
-   wrong, and no rank may change.
+2. The very per-rank shards that will ship, put back together by the TP plan: the names, shapes
+   and dtypes the plan gives, finite scales.
+3. The weight check: each shipped tensor, dequantized, within FP8's rounding bound of the update.
+4. Logits of the model as the ranks will serve it (FP8 weights and scales from those shards,
+   activations quantized as SGLang's FP8 linear layers do) against the same update in bf16.
+A failure in 2-4 gives a report with passed=False, the metrics and the reason: quantization or
+sharding went wrong, and no rank may change.
 
 The gate judges the quantization, not the training step; the optional drift check (off by
 default) compares the new bf16 logits with the previous version's, for trainers that want a guard
-against a blown-up step.
+against a blown-up step. Thresholds and their calibration: docs/verification-notes.md.
 
 Torch and transformers only: the bench machine has neither pydantic-settings nor redis, so
 thresholds are plain dataclasses built from the settings by the caller.
