@@ -136,7 +136,7 @@ class PerChannelCall:
         if any(w.device != device for w in self.ws):
             raise ValueError("one call takes tensors of one device; group them first")
         self.cfg = config or configs_for_tensor(self.ws[0]).per_channel
-        key = tuple((w.shape[0], w.shape[1], _tables.is_aligned(w)) for w in self.ws)
+        key = tuple((*w.shape, _tables.is_aligned(w)) for w in self.ws)
         self.layout = _layout(key, self.cfg, device)
         self.q_flat = torch.empty(self.layout.q_total, dtype=FP8_DTYPE, device=device)
         self.s_flat = torch.empty(self.layout.s_total, dtype=torch.float32, device=device)
