@@ -13,6 +13,7 @@ Torch and transformers only.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,17 +55,40 @@ def build_model(config: Mapping[str, Any]) -> PreTrainedModel:
     cfg = hf_config(config)
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(cfg, dtype=BF16)
+            model = AutoModelForCausalLM.from_config(cfg)
         except ValueError as exc:
             raise ConfigError(f"transformers cannot build a causal LM from it: {exc}") from None
+    # On meta, a dtype change costs nothing; done here rather than through from_config's dtype
+    # keyword, whose name differs between transformers 4 and 5.
+    model.to(BF16)
     model.eval()
     model.requires_grad_(False)
+    # Tied parameters are one object under two names right after construction; loading with
+    # assign=True replaces the source, so remember which names to point back at it.
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied[name] = seen[id(param)]
+        else:
+            seen[id(param)] = name
+    _TIED[model] = tied
     return model
+
+
+# model -> {tied parameter name: the name of the parameter it is}, e.g. lm_head -> embed_tokens.
+_TIED: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
 
 
 def tied_names(model: PreTrainedModel) -> set[str]:
     """Parameters that are another parameter (lm_head tied to the embedding); never sent."""
-    return set(model.get_expanded_tied_weights_keys(all_submodels=True))
+    return set(_TIED.get(model, {}))
+
+
+def _retie(model: PreTrainedModel) -> None:
+    for target, source in _TIED.get(model, {}).items():
+        parent, _, attr = target.rpartition(".")
+        setattr(model.get_submodule(parent), attr, model.get_parameter(source))
 
 
 def expected_shapes(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
@@ -89,7 +113,7 @@ def load_weights(
     missing = [name for name in result.missing_keys if name not in tied]
     # Callers check the structure first, so this is an internal invariant.
     assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
-    model.tie_weights()
+    _retie(model)
     _materialize_buffers(model, device)
     model.requires_grad_(False)
 
@@ -238,7 +262,7 @@ def install_fp8(
     with torch.no_grad():
         result = model.load_state_dict(plain, strict=False, assign=True)
     assert not result.unexpected_keys, result.unexpected_keys
-    model.tie_weights()
+    _retie(model)
     model.requires_grad_(False)
 
 
