@@ -86,10 +86,11 @@ class ProbeSettings(_Section):
 
 
 class ThresholdSettings(_Section):
-    max_mean_kl: float = Field(0.02, gt=0)
-    max_max_kl: float = Field(0.5, gt=0)
-    min_top1: float = Field(0.6, ge=0, le=1)
-    max_abs_logit_diff: float = Field(2.0, gt=0)
+    max_mean_kl: float = Field(0.03, gt=0)
+    max_max_kl: float = Field(1.0, gt=0)
+    min_top1: float = Field(0.8, ge=0, le=1)
+    max_abs_logit_diff: float = Field(5.0, gt=0)
+    max_weight_error: float = Field(0.0625, gt=0)
 
 
 class DriftSettings(_Section):
