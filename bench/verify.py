@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from orchestrator import synthetic  # noqa: E402
 from orchestrator.planner import ModelPlan, plan_model  # noqa: E402
 from orchestrator.probe import probe_batch  # noqa: E402
 from orchestrator.sharding import quantize_state, shard_state  # noqa: E402
@@ -70,8 +71,8 @@ def timed_run(model: str, device: torch.device, tp: int, seed: int) -> int:
     times: dict[str, float] = {}
 
     start = time.perf_counter()
-    previous = tiny.base_state(config, seed, device=device)
-    update = tiny.honest_update(previous, seed + 1)
+    previous = synthetic.base_state(config, seed, device=device)
+    update = synthetic.honest_update(previous, seed + 1)
     del previous
     _sync(device)
     times["init weights (not verification)"] = time.perf_counter() - start
@@ -138,11 +139,11 @@ def table_rows(seeds: int = 3) -> list[Row]:
     for family, config in tiny.CONFIGS.items():
         for tp in (1, 2):
             for seed in range(seeds):
-                update = tiny.honest_update(tiny.base_state(config, seed), seed + 100)
+                update = synthetic.honest_update(synthetic.base_state(config, seed), seed + 100)
                 plan, shards = tiny.ship(config, update, tp)
                 report = _run(config, update, shards, plan)
                 rows.append(Row(f"honest (seed {seed})", family, tp, report))
-        update = tiny.honest_update(tiny.base_state(config, 0), 100)
+        update = synthetic.honest_update(synthetic.base_state(config, 0), 100)
         plan, shards = tiny.ship(config, update, 2)
         for fault in (*tiny.SHIPPED_FAULTS, *tiny.MEASURED_FAULTS):
             planted = fault.plant(shards, plan)
@@ -150,7 +151,7 @@ def table_rows(seeds: int = 3) -> list[Row]:
                 continue
             rows.append(Row(fault.name, family, 2, _run(config, update, planted, plan)))
         for factor in tiny.OUTLIER_FACTORS:
-            hostile = tiny.outlier_update(tiny.base_state(config, 0), factor)
+            hostile = synthetic.outlier_update(synthetic.base_state(config, 0), factor)
             plan_h, shards_h = tiny.ship(config, hostile, 2)
             case = f"hostile: outliers {factor:g}x peak"
             rows.append(Row(case, family, 2, _run(config, hostile, shards_h, plan_h)))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kernels.fp8 import FP8_MAX
+from orchestrator import synthetic
 from orchestrator.errors import ConfigError, InvalidUpdate
 from orchestrator.hf_model import hf_config, quantize_activations
 from orchestrator.planner import ModelPlan, Scheme, scale_name
@@ -35,7 +36,7 @@ Shards = list[dict[str, torch.Tensor]]
 
 @functools.cache
 def _update(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    return tiny.honest_update(tiny.base_state(tiny.CONFIGS[family], seed), seed + 100)
+    return synthetic.honest_update(synthetic.base_state(tiny.CONFIGS[family], seed), seed + 100)
 
 
 @functools.cache
@@ -347,7 +348,7 @@ def test_quantization_hostile_updates(family):
     bf16, through the activation groups the outlier channels dominate and the weights pushed
     below e4m3's normal range. The logit gate sees it; at 10x the peak Qwen3 still passes."""
     config = tiny.CONFIGS[family]
-    hostile = tiny.outlier_update(tiny.base_state(config, 0), 1000.0)
+    hostile = synthetic.outlier_update(synthetic.base_state(config, 0), 1000.0)
     plan, shards = tiny.ship(config, hostile, 2)
     report = _verify(family, hostile, shards, plan)
     assert report.metrics["max_weight_error"] <= 2.0**-4
@@ -397,7 +398,7 @@ def test_drift_is_off_by_default():
 
 def test_drift_check_passes_a_training_step_and_stops_a_blown_up_one():
     family = "qwen3"
-    previous = tiny.base_state(tiny.CONFIGS[family], 0)
+    previous = synthetic.base_state(tiny.CONFIGS[family], 0)
     plan, shards = _shipped(family, 1)
     drift = DriftThresholds(max_mean_kl=0.05)
     step = _verify(family, _update(family), shards, plan, previous_state=previous, drift=drift)
@@ -405,7 +406,7 @@ def test_drift_check_passes_a_training_step_and_stops_a_blown_up_one():
     assert 0.0 < step.metrics["drift_mean_kl"] < 0.005  # one step of 1e-3 std
     # A blown-up step: the new weights have nothing to do with the previous version's. The
     # quantization is still faithful, so only the drift check objects.
-    other = tiny.base_state(tiny.CONFIGS[family], 7)
+    other = synthetic.base_state(tiny.CONFIGS[family], 7)
     blown = _verify(family, _update(family), shards, plan, previous_state=other, drift=drift)
     assert not blown.passed
     assert blown.metrics["drift_mean_kl"] > 1.0
