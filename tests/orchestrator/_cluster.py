@@ -131,14 +131,20 @@ class Cluster:
         return self.client.hgetall(self.keys.rank(rank))
 
     def wait_ready(self, version: int | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
-        """Until every rank is alive, READY and holds `version` (default: the active one) with
-        the digest of its artifact. Returns coordinator.active()."""
+        """Until every rank's current agent process is alive, READY and holds `version`
+        (default: the active one) with the digest of its artifact. Returns coordinator.active().
+        """
 
         def settled() -> dict[str, Any] | None:
             state = self.coordinator.active()
             want = state["active_version"] if version is None else version
+            # A killed agent's hash looks alive until its heartbeat key expires: only the
+            # process the supervisor runs now counts.
+            pids = self.supervisor.pids() if self.supervisor is not None else {}
             for r in state["ranks"]:
                 if not r["alive"] or r["state"] != "READY" or r["version"] != want:
+                    return None
+                if pids and r["pid"] != pids.get(r["rank"]):
                     return None
                 if want is not None and r["digest"] != self.tensor_digest(want, r["rank"]):
                     return None

@@ -161,6 +161,7 @@ def test_a_decision_under_a_lost_fence_is_refused(scripts: Scripts) -> None:
         scripts.decide("t1", v, None, "COMMIT", old_fence)
     assert c.client.hget(c.keys.active, "version") is None
     assert c.client.hget(c.keys.txn("t1"), "state") == "PREPARING"
+    assert not old.release()  # it was taken over: nothing to release
     new.release()
 
 
