@@ -6,20 +6,24 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.coordinator import Coordinator
-from orchestrator.errors import RedisUnavailable
+from orchestrator.errors import ConfigError, RedisUnavailable, RefitError
 from orchestrator.keys import Keys
 from orchestrator.lock import UpdateLock
+from orchestrator.metrics import Metrics
+from orchestrator.pipeline import ModelSpec, UpdatePipeline
 from orchestrator.recovery import RecoveryReport, recover
 from orchestrator.redis_client import connect, redact
 from orchestrator.redis_server import EmbeddedRedis
 from orchestrator.settings import Settings
 from orchestrator.supervisor import Supervisor
-from orchestrator.versions import VersionStore
+from orchestrator.updates import UpdateQueue
+from orchestrator.versions import VersionStatus, VersionStore
 
 log = logging.getLogger("refitd")
 
@@ -45,12 +49,26 @@ class Refitd:
         self._coordinator: Coordinator | None = None
         self.supervisor: Supervisor | None = None
         self.recovery: RecoveryReport | None = None
+        self.metrics = Metrics()
+        self.metrics.tp_size.set(settings.ranks.tp_size)
+        self.model: ModelSpec | None = None
+        self._pipeline: UpdatePipeline | None = None
 
     # Lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         """Start (or connect to) Redis, recover what a crash left open, and (ranks.launch:
         local) start the rank agents. Raises RedisUnavailable or ConfigError."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.model.config is not None:
+            try:
+                self.model = ModelSpec.load(self.settings.model.config)
+            except RefitError as exc:
+                raise ConfigError(exc.message) from None
+            kind = self.model.config.get("model_type", "?")
+            log.info("model %s (%s): %d tensors per update", self.model.path, kind,
+                     len(self.model.expected))  # fmt: skip
+        else:
+            log.warning("model.config is not set: updates are refused until it is")
         if self.settings.embedded_redis:
             self.embedded = EmbeddedRedis(
                 self.data_dir,
@@ -66,13 +84,42 @@ class Refitd:
         self._coordinator = Coordinator(
             self._redis, self.keys, self.settings, self._versions, self.artifacts
         )
+        queue = UpdateQueue(self._redis, self.keys, queue_depth=self.settings.limits.queue_depth)
+        self._pipeline = UpdatePipeline(
+            settings=self.settings,
+            queue=queue,
+            versions=self._versions,
+            artifacts=self.artifacts,
+            coordinator=self._coordinator,
+            lock_factory=self.update_lock,
+            metrics=self.metrics,
+            model=self.model,
+        )
         # Before anything is served or any rank starts: open transactions reach their decision.
-        self.recovery = recover(self._coordinator, self._versions, self.update_lock())
+        # Versions of acknowledged updates that never started are spared: the pipeline runs them.
+        self.recovery = recover(
+            self._coordinator, self._versions, self.update_lock(), spare=self._unstarted()
+        )
+        self._pipeline.recover()
         if self.settings.ranks.launch == "local":
             self.supervisor = Supervisor(self.settings, redis_url=self.redis_url)
             self.supervisor.start()
+        self._pipeline.start()
+
+    def _unstarted(self) -> set[int]:
+        """Versions still RECEIVED whose update waits in the queue or was taken but not begun."""
+        queue = self.pipeline.queue
+        ids = queue.queued() + queue.running()
+        spare = set()
+        for update_id in ids:
+            version = queue.get(update_id).version
+            if self.versions.get(version).status is VersionStatus.RECEIVED:
+                spare.add(version)
+        return spare
 
     def stop(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.stop()
         if self.supervisor is not None:
             self.supervisor.stop()
             self.supervisor = None
@@ -100,6 +147,31 @@ class Refitd:
         if self._coordinator is None:
             raise AssertionError("Refitd.start() has not run")
         return self._coordinator
+
+    @property
+    def pipeline(self) -> UpdatePipeline:
+        if self._pipeline is None:
+            raise AssertionError("Refitd.start() has not run")
+        return self._pipeline
+
+    def rollback(self, to_version: int | None) -> dict[str, Any]:
+        """Roll every rank back under the update lock (waiting for a running update's turn up to
+        limits.request_timeout_s). Returns the coordinator's result plus the versions involved."""
+        before = self.coordinator.active()["active_version"]
+        with self.update_lock(timeout_s=self.settings.limits.request_timeout_s) as lock:
+            assert lock.fence is not None
+            result = self.coordinator.rollback(to_version, fence=lock.fence)
+        self.metrics.rollbacks.inc()
+        self.metrics.active_version.set(result["version"])
+        log.info("rolled back from version %s to %s", before, result["version"])
+        return {**result, "active_version": result["version"], "previous_version": before}
+
+    def refresh_metrics(self) -> None:
+        """Gauges read at scrape time."""
+        state = self.coordinator.active()
+        self.metrics.active_version.set(state["active_version"] or 0)
+        self.metrics.live_ranks.set(sum(1 for r in state["ranks"] if r["alive"]))
+        self.metrics.queued.set(self.pipeline.queue.waiting())
 
     def update_lock(self, *, timeout_s: float | None = None) -> UpdateLock:
         """A new (unheld) update lock: `with core.update_lock() as lock: ... lock.fence`.

@@ -6,7 +6,9 @@
    have not acked it (ranks that restart load the active version by themselves); ABORT is re-sent
    and the transaction closed; no decision recorded: abort.
 3. Versions caught mid-pipeline (RECEIVED, QUANTIZED, VERIFIED, PREPARED) become ABORTED with the
-   reason "daemon restarted": no pipeline is running to finish them.
+   reason "daemon restarted": no pipeline is running to finish them. Acknowledged updates that
+   had not started yet (their version still RECEIVED, their id still queued) are spared: the
+   pipeline runs them once recovery is done.
 4. Prune artifacts that no rollback can use.
 """
 
@@ -45,8 +47,17 @@ class RecoveryReport:
         }
 
 
-def recover(coordinator: Coordinator, versions: VersionStore, lock: UpdateLock) -> RecoveryReport:
-    """Run recovery under the update lock (taken by force; see the module docstring)."""
+def recover(
+    coordinator: Coordinator,
+    versions: VersionStore,
+    lock: UpdateLock,
+    *,
+    spare: set[int] | frozenset[int] = frozenset(),
+) -> RecoveryReport:
+    """Run recovery under the update lock (taken by force; see the module docstring).
+
+    `spare`: RECEIVED versions of acknowledged updates that have not started; the pipeline runs
+    them after recovery, so they are not aborted."""
     report = RecoveryReport()
     fence = lock.acquire(steal=True)
     try:
@@ -55,6 +66,8 @@ def recover(coordinator: Coordinator, versions: VersionStore, lock: UpdateLock) 
         )
         for record in versions.list(limit=_SCAN_VERSIONS):
             if record.status not in IN_FLIGHT:
+                continue
+            if record.status is VersionStatus.RECEIVED and record.version in spare:
                 continue
             try:
                 versions.transition(record.version, VersionStatus.ABORTED, reason=RESTART_REASON)

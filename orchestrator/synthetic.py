@@ -69,7 +69,7 @@ def base_state(
             rows, cols = rows / rows.square().mean().sqrt(), cols / cols.square().mean().sqrt()
             # Student-t with TAIL_DOF degrees of freedom, at unit variance: heavy tails make block
             # maxima (so scales) differ from block to block, as trained weights do.
-            chi2 = sum(randn(*shape).square() for _ in range(TAIL_DOF))
+            chi2 = torch.stack([randn(*shape).square() for _ in range(TAIL_DOF)]).sum(0)
             tails = randn(*shape) / torch.sqrt(chi2 / TAIL_DOF)
             tails = tails / math.sqrt(TAIL_DOF / (TAIL_DOF - 2))
             t = tails * rows * cols / math.sqrt(shape[1])

@@ -208,7 +208,10 @@ class UpdateQueue:
         return UpdateRecord.from_hash(raw)
 
     def set_stage(self, update_id: str, stage: Stage, progress: float | None = None) -> None:
-        mapping: dict[str, str] = {"stage": stage.value, "status": UpdateStatus.RUNNING.value}
+        mapping: dict[str | bytes, str] = {
+            "stage": stage.value,
+            "status": UpdateStatus.RUNNING.value,
+        }
         mapping["progress"] = repr(STAGE_START.get(stage, 0.0) if progress is None else progress)
         self._r.hset(self._keys.update(update_id), mapping=mapping)
 
@@ -233,6 +236,9 @@ class UpdateQueue:
 
     def done(self, update_id: str) -> None:
         self._r.lrem(self._keys.update_running, 0, update_id)
+
+    def queued(self) -> list[str]:
+        return list(self._r.lrange(self._keys.update_queue, 0, -1))
 
     def running(self) -> list[str]:
         return list(self._r.lrange(self._keys.update_running, 0, -1))

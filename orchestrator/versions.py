@@ -191,7 +191,9 @@ class VersionStore:
         """Store JSON-able details (quantization report, verification metrics, artifact info)."""
         if not self._r.exists(self._keys.version(version)):
             raise NotFound(f"version {version} does not exist")
-        mapping = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+        mapping: dict[str | bytes, str] = {
+            k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()
+        }
         self._r.hset(self._keys.version(version), mapping=mapping)
 
     def get(self, version: int) -> VersionRecord:

@@ -1,0 +1,39 @@
+"""Shard downloads for rank agents that cannot read the daemon's artifact files (other hosts)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from api.deps import Core, Reader
+from orchestrator.errors import NotFound
+
+router = APIRouter(tags=["artifacts"])
+
+
+@router.get(
+    "/artifacts/{version}/{rank}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: {}},
+)
+async def get_shard(version: int, rank: int, core: Core, _: Reader) -> FileResponse:
+    """Stream rank `rank`'s safetensors shard of `version`. Needs the trainer or admin token.
+
+    Headers `X-Refitd-Digest` (sha256 of the file) and `X-Refitd-Tensor-Digest` let the caller
+    check what it received; rank agents check both sizes and the file digest before staging.
+    """
+    store = core.artifacts
+    entry = await run_in_threadpool(store.shard_info, version, rank)
+    path = store.path(version, rank)
+    if not path.is_file():
+        raise NotFound(f"the shard of version {version} for rank {rank} is no longer stored")
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=path.name,
+        headers={
+            "X-Refitd-Digest": entry["digest"],
+            "X-Refitd-Tensor-Digest": entry["tensor_digest"],
+        },
+    )

@@ -1,0 +1,200 @@
+"""Updates, versions, the active version and rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from api.deps import Admin, Core, Reader, Trainer
+from api.schemas import (
+    ActiveState,
+    ErrorBody,
+    RollbackRequest,
+    RollbackResult,
+    UpdateAccepted,
+    UpdateRequest,
+    UpdateState,
+    VersionDetail,
+    VersionList,
+    VersionSummary,
+)
+from orchestrator.errors import BadRequest, PayloadTooLarge
+from orchestrator.updates import UpdateRecord, UpdateStatus
+
+router = APIRouter(prefix="/weights", tags=["weights"])
+
+UPLOAD_TYPES = ("application/octet-stream", "application/x-safetensors")
+# Uploads are written to disk in chunks of this size, off the event loop.
+_WRITE_CHUNK = 8 * 2**20
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422)
+}
+
+_UPDATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": UpdateRequest.model_json_schema()},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "The bytes of one .safetensors file; label and verify go in "
+                "the query string.",
+            },
+        },
+    }
+}
+
+
+def _status_url(request: Request, update_id: str) -> str:
+    return str(request.url_for("get_update", update_id=update_id))
+
+
+@router.post(
+    "/update",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=UpdateAccepted,
+    responses={200: {"model": UpdateState}, **_ERRORS},
+    openapi_extra=_UPDATE_BODY,
+)
+async def post_update(
+    request: Request,
+    core: Core,
+    _: Trainer,
+    wait: Annotated[bool, Query(description="Answer when the update is final.")] = False,
+    label: Annotated[str | None, Query(max_length=200, description="Uploads only.")] = None,
+    verify: Annotated[bool | None, Query(description="Uploads only.")] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Any:
+    """A new version from a safetensors path (JSON body) or upload (octet-stream body).
+
+    Answers 202 with where to follow it; with `?wait=true`, answers once the update is final:
+    200 committed, 422 rejected (bad content or failed verification), 409 aborted (a rank failed).
+    The same Idempotency-Key with the same body gives the same answer; with another body, 422.
+    """
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    pipeline = core.pipeline
+    if content_type == "application/json":
+        body = UpdateRequest.model_validate_json(await request.body())
+        record, _created = await run_in_threadpool(
+            pipeline.submit_path,
+            body.source.path,
+            label=body.label,
+            verify=body.verify,
+            idempotency_key=idempotency_key,
+        )
+    elif content_type in UPLOAD_TYPES:
+        record = await _receive_upload(request, core, label, verify, idempotency_key)
+    else:
+        raise BadRequest(
+            'send JSON ({"source": {"type": "path", "path": ...}}) with Content-Type '
+            "application/json, or the bytes of a .safetensors file with Content-Type "
+            f"application/octet-stream (got {content_type or 'no Content-Type'!r})"
+        )
+    if wait:
+        return await _wait_final(request, core, record)
+    accepted = UpdateAccepted(
+        update_id=record.update_id,
+        version=record.version,
+        status_url=_status_url(request, record.update_id),
+    )
+    return JSONResponse(status_code=202, content=accepted.model_dump())
+
+
+async def _receive_upload(
+    request: Request,
+    core: Core,
+    label: str | None,
+    verify: bool | None,
+    idempotency_key: str | None,
+) -> UpdateRecord:
+    limit = core.settings.limits.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(
+            f"the upload is {declared} bytes, over limits.max_upload_bytes={limit}; "
+            "put the files under an allowed root and send a path source instead"
+        )
+    sink = await run_in_threadpool(core.pipeline.open_upload)
+    try:
+        buffer = bytearray()
+        async for chunk in request.stream():
+            buffer += chunk
+            if len(buffer) >= _WRITE_CHUNK:
+                await run_in_threadpool(sink.write, bytes(buffer))
+                buffer.clear()
+        if buffer:
+            await run_in_threadpool(sink.write, bytes(buffer))
+    except BaseException:
+        sink.discard()
+        raise
+    record, _created = await run_in_threadpool(
+        core.pipeline.submit_upload,
+        sink,
+        label=label,
+        verify=verify,
+        idempotency_key=idempotency_key,
+    )
+    return record
+
+
+async def _wait_final(request: Request, core: Core, record: UpdateRecord) -> JSONResponse:
+    deadline = time.monotonic() + core.settings.limits.request_timeout_s
+    while not record.final and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        record = await run_in_threadpool(core.pipeline.queue.get, record.update_id)
+    body = _state(request, record).model_dump()
+    if not record.final:
+        return JSONResponse(status_code=202, content=body)
+    if record.status is UpdateStatus.SUCCEEDED:
+        return JSONResponse(status_code=200, content=body)
+    code = 422 if record.stage.value == "rejected" else 409
+    return JSONResponse(status_code=code, content={"detail": record.error, **body})
+
+
+def _state(request: Request, record: UpdateRecord) -> UpdateState:
+    data = record.to_dict()
+    data.pop("source")
+    return UpdateState(**data, status_url=_status_url(request, record.update_id))
+
+
+@router.get("/updates/{update_id}", response_model=UpdateState, responses=_ERRORS)
+async def get_update(update_id: str, request: Request, core: Core, _: Reader) -> UpdateState:
+    """Where an update stands: status, stage, progress (0..1), error."""
+    record = await run_in_threadpool(core.pipeline.queue.get, update_id)
+    return _state(request, record)
+
+
+@router.get("/versions", response_model=VersionList, responses=_ERRORS)
+async def list_versions(
+    core: Core, _: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> VersionList:
+    """Versions, newest first."""
+    records = await run_in_threadpool(core.versions.list, limit=limit)
+    return VersionList(versions=[VersionSummary(**r.to_dict()) for r in records])
+
+
+@router.get("/versions/{version}", response_model=VersionDetail, responses=_ERRORS)
+async def get_version(version: int, core: Core, _: Reader) -> VersionDetail:
+    """One version: status, label, times, quantization report, verification metrics, ranks."""
+    record = await run_in_threadpool(core.versions.get, version)
+    ranks = await run_in_threadpool(core.coordinator.version_ranks, version)
+    return VersionDetail(**record.to_dict(), ranks=ranks)
+
+
+@router.get("/active", response_model=ActiveState, responses=_ERRORS)
+async def get_active(core: Core, _: Reader) -> Any:
+    """The active version and what every rank holds."""
+    return await run_in_threadpool(core.coordinator.active)
+
+
+@router.post("/rollback", response_model=RollbackResult, responses=_ERRORS)
+async def post_rollback(core: Core, _: Admin, body: RollbackRequest | None = None) -> Any:
+    """Roll every rank back, all or none: to `to_version`, or to the previously committed one."""
+    to_version = body.to_version if body else None
+    return await run_in_threadpool(core.rollback, to_version)

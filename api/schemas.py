@@ -1,0 +1,99 @@
+"""Request and response bodies of the REST API (the OpenAPI document is built from these)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PathSource(_Strict):
+    type: Literal["path"]
+    path: str = Field(
+        ..., min_length=1, max_length=4096,
+        description="A .safetensors file, or a directory of them (with or without "
+        "model.safetensors.index.json), inside one of sources.allowed_roots.",
+    )  # fmt: skip
+
+
+class UpdateRequest(_Strict):
+    source: PathSource
+    label: str | None = Field(None, max_length=200, description="Free-form, e.g. the train step.")
+    verify: bool | None = Field(
+        None, description="Check against bf16 reference logits (default: verification.enabled)."
+    )
+
+
+class UpdateAccepted(BaseModel):
+    update_id: str
+    version: int
+    status_url: str
+
+
+class UpdateState(BaseModel):
+    update_id: str
+    version: int
+    status: Literal["queued", "running", "succeeded", "failed"]
+    stage: str
+    progress: float = Field(..., ge=0, le=1)
+    error: str | None
+    label: str | None
+    verify: bool
+    created_at: float
+    finished_at: float | None
+    status_url: str | None = None
+
+
+class RankState(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    rank: int
+    version: int | None = None
+    state: str | None = None
+
+
+class VersionSummary(BaseModel):
+    version: int
+    status: str
+    label: str | None
+    created_at: float
+    updated_at: float
+    update_id: str | None
+    reason: str | None
+
+
+class VersionDetail(VersionSummary):
+    times: dict[str, float]
+    quantization: list[dict[str, Any]] | None
+    verification: dict[str, Any] | None
+    artifact: dict[str, Any] | None
+    ranks: list[dict[str, Any]]
+
+
+class VersionList(BaseModel):
+    versions: list[VersionSummary]
+
+
+class ActiveState(BaseModel):
+    active_version: int | None
+    epoch: int | None = None
+    ranks: list[RankState]
+
+
+class RollbackRequest(_Strict):
+    to_version: int | None = Field(
+        None, ge=1, description="Default: the version committed before the active one."
+    )
+
+
+class RollbackResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    active_version: int
+    previous_version: int | None = None
+
+
+class ErrorBody(BaseModel):
+    detail: str

@@ -1,0 +1,239 @@
+"""`refitctl`: the operators' CLI over refitd's REST API.
+
+Exit codes: 0 success; 1 the daemon answered that the operation failed (rejected, aborted, not
+ready); 2 bad usage or the daemon could not be reached. Errors print one line on stderr.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+
+DEFAULT_URL = "http://127.0.0.1:8470"
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Look at refitd, push updates, and roll back.",
+)
+
+
+class _Ctx:
+    def __init__(self, url: str, token: str | None, timeout: float) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kw: Any) -> Any:
+        try:
+            response = self.client.request(method, path, **kw)
+        except httpx.TimeoutException:
+            fail(f"{self.url} did not answer in time", 2)
+        except httpx.HTTPError as exc:
+            fail(f"cannot reach refitd at {self.url}: {exc}", 2)
+        if response.status_code not in ok:
+            fail(_detail(response), 1 if response.status_code in (409, 422, 503) else 2)
+        return response.json()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = None
+    return f"{response.status_code} {response.reason_phrase}: {detail or response.text.strip()}"
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"refitctl: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    url: Annotated[
+        str, typer.Option(envvar="REFITCTL_URL", help="refitd's address.")
+    ] = DEFAULT_URL,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="REFITCTL_TOKEN", help="Bearer token (admin for rollback, trainer for push)."
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each HTTP answer.")] = 60.0,
+) -> None:
+    ctx.obj = _Ctx(url, token, timeout)
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]  # fmt: skip
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    typer.echo(line)
+    typer.echo("  ".join("-" * w for w in widths))
+    for row in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+@app.command()
+def status(ctx: typer.Context) -> None:
+    """The active version, every rank's state, and readiness."""
+    c: _Ctx = ctx.obj
+    active = c.request("GET", "/weights/active")
+    ready = c.request("GET", "/readyz", ok=(200, 503))
+    typer.echo(f"active version: {active['active_version'] or 'none'}")
+    typer.echo(f"ready:          {'yes' if ready['ready'] else 'no'} ({ready['reason']})")
+    rows = [
+        [str(r["rank"]), str(r.get("version") or "-"), str(r.get("state") or "-"),
+         "yes" if r.get("alive") else "no", (r.get("digest") or "-")[:12]]
+        for r in active["ranks"]
+    ]  # fmt: skip
+    typer.echo("")
+    _table(["rank", "version", "state", "alive", "digest"], rows)
+    if not ready["ready"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def versions(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=1000)] = 20) -> None:
+    """Versions, newest first."""
+    c: _Ctx = ctx.obj
+    data = c.request("GET", "/weights/versions", params={"limit": limit})
+    rows = [
+        [str(v["version"]), v["status"], v["label"] or "-", _when(v["created_at"]),
+         (v["reason"] or "")[:70]]
+        for v in data["versions"]
+    ]  # fmt: skip
+    _table(["version", "status", "label", "created", "reason"], rows)
+
+
+@app.command()
+def show(ctx: typer.Context, version: int) -> None:
+    """One version: status, times, quantization report, verification metrics, per-rank states."""
+    c: _Ctx = ctx.obj
+    v = c.request("GET", f"/weights/versions/{version}")
+    typer.echo(f"version {v['version']}: {v['status']}   label: {v['label'] or '-'}")
+    if v.get("reason"):
+        typer.echo(f"reason: {v['reason']}")
+    for name, ts in sorted(v["times"].items(), key=lambda kv: kv[1]):
+        typer.echo(f"  {name:<12} {_when(ts)}")
+    report = v.get("quantization") or []
+    if report:
+        counts: dict[str, int] = {}
+        for t in report:
+            counts[t["scheme"]] = counts.get(t["scheme"], 0) + 1
+        typer.echo("quantization: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        for t in report:
+            if t["scheme"] == "per_channel":
+                typer.echo(f"  per_channel {t['name']} {t['shape']}: {t.get('reason')}")
+    ver = v.get("verification")
+    if ver:
+        typer.echo(
+            f"verification: {'passed' if ver['passed'] else 'FAILED'} in {ver['seconds']:.2f}s"
+        )
+        for key, value in ver["metrics"].items():
+            typer.echo(f"  {key:<20} {value}")
+        if ver.get("reason"):
+            typer.echo(f"  reason: {ver['reason']}")
+    if v.get("ranks"):
+        typer.echo("")
+        _table(["rank", "state", "digest"],
+               [[str(r.get("rank")), str(r.get("state") or "-"), str(r.get("digest") or "-")[:12]]
+                for r in v["ranks"]])  # fmt: skip
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context,
+    to: Annotated[int | None, typer.Option("--to", min=1, help="Version to go back to.")] = None,
+) -> None:
+    """Switch every rank back, all or none (default: to the previously committed version)."""
+    c: _Ctx = ctx.obj
+    body = {"to_version": to} if to is not None else {}
+    result = c.request("POST", "/weights/rollback", json=body)
+    typer.echo(
+        f"rolled back: version {result['active_version']} is active"
+        + (f" (was {result['previous_version']})" if result.get("previous_version") else "")
+    )
+
+
+@app.command()
+def health(ctx: typer.Context) -> None:
+    """Liveness and readiness; exit 1 when not ready."""
+    c: _Ctx = ctx.obj
+    c.request("GET", "/healthz")
+    ready = c.request("GET", "/readyz", ok=(200, 503))
+    typer.echo(f"live: yes\nready: {'yes' if ready['ready'] else 'no'} ({ready['reason']})")
+    if not ready["ready"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def push(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Argument(help="A safetensors directory or file.")],
+    label: Annotated[str | None, typer.Option(help="Free-form, e.g. the train step.")] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify")] = True,
+    upload: Annotated[
+        bool, typer.Option(help="Send the bytes of one .safetensors file instead of its path.")
+    ] = False,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Replays give the same answer.")
+    ] = None,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow")] = True,
+) -> None:
+    """Post an update and follow it to the end with a progress bar."""
+    c: _Ctx = ctx.obj
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    if upload:
+        if not source.is_file():
+            fail(f"--upload sends one .safetensors file; {source} is not a file")
+        params = {"verify": str(verify).lower(), **({"label": label} if label else {})}
+        with source.open("rb") as f:
+            accepted = c.request(
+                "POST", "/weights/update", ok=(202,), content=f, params=params,
+                headers={**headers, "Content-Type": "application/octet-stream"},
+            )  # fmt: skip
+    else:
+        body = {"source": {"type": "path", "path": str(source.resolve())}, "verify": verify}
+        if label:
+            body["label"] = label
+        accepted = c.request("POST", "/weights/update", ok=(202,), json=body, headers=headers)
+    typer.echo(f"update {accepted['update_id']}: version {accepted['version']}")
+    if not follow:
+        return
+    state = _follow(c, accepted["update_id"])
+    if state["status"] != "succeeded":
+        fail(f"version {state['version']} {state['stage']}: {state['error']}", 1)
+    typer.echo(f"version {state['version']} committed on every rank")
+
+
+def _follow(c: _Ctx, update_id: str) -> dict[str, Any]:
+    shown = 0
+    stage = ""
+    with typer.progressbar(length=100, label="queued".ljust(12), show_eta=False) as bar:
+        while True:
+            state = c.request("GET", f"/weights/updates/{update_id}")
+            if state["stage"] != stage:
+                stage = state["stage"]
+                bar.label = stage.ljust(12)
+            target = int(state["progress"] * 100)
+            if target > shown:
+                bar.update(target - shown)
+                shown = target
+            if state["status"] in ("succeeded", "failed"):
+                bar.render_progress()
+                return state
+            time.sleep(0.2)
