@@ -237,3 +237,7 @@ def _follow(c: _Ctx, update_id: str) -> dict[str, Any]:
                 bar.render_progress()
                 return state
             time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    app()

@@ -15,6 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is first launched; set it before any test module
+# imports kernels, so the CPU runs the kernels in the interpreter whatever the collection order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from orchestrator.redis_client import connect
 from orchestrator.redis_server import free_port
