@@ -2,20 +2,23 @@
 
 A rollout (or rollback) runs under the update lock, whose fence every mutating script checks:
 1. BEGIN records the transaction and the epoch it starts at; the version goes to PREPARED.
-2. PREPARE goes to every rank's inbox stream; each rank fetches its shard, checks the file digest,
-   stages it, and acks PREPARED with the tensor digest of what it staged (txn.ACK).
-3. DECIDE records COMMIT (all ranks prepared with the expected digests) or ABORT (a rank failed,
+   In the same script, PREPARE goes to the ranks' command stream; each rank fetches its shard,
+   checks the file digest, stages it, and acks PREPARED with the tensor digest of what it staged
+   (txn.ACK).
+2. DECIDE records COMMIT (all ranks prepared with the expected digests) or ABORT (a rank failed,
    died, restarted, or missed rollout.prepare_deadline_s) together with the new active version,
    the epoch, and every version status that follows from it, in one script.
-4. COMMIT (or ABORT) goes to every rank; the coordinator waits for commit acks up to
+3. COMMIT goes to every rank, and the coordinator waits for commit acks up to
    rollout.commit_deadline_s. The last rank's ack closes the transaction. A rank that has not
    acked by then keeps the transaction open: it acks when it next starts (it loads the active
-   version), and no new transaction begins until it has (settle_open).
+   version), and no new transaction begins until it has (settle_open). After ABORT, one script
+   (CLOSE_ABORTED) sends ABORT to every rank and closes the transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -49,8 +52,9 @@ from orchestrator.versions import ALLOWED_FROM, EVENTS_MAXLEN, VersionStatus, Ve
 
 log = logging.getLogger("refitd.coordinator")
 
-# Each rank's inbox keeps this many recent commands; a rank reads only what came after it started.
-INBOX_MAXLEN = 1000
+# The ranks' command stream keeps this many recent commands; an agent reads only what came after
+# it started.
+COMMANDS_MAXLEN = 1000
 # How often a waiting coordinator looks at the ranks' heartbeats and incarnations, and so how late
 # it notices a rank that died mid-prepare. XREAD blocks for at most this long at a time.
 LIVENESS_CHECK_S = 0.1
@@ -279,13 +283,13 @@ class Coordinator:
                 if record.state == TxnState.PREPARING:
                     self._abort(record.id, record.version, record.kind, fence=fence, reason=reason)
                 elif record.state == TxnState.ABORTING:
-                    self._send(record.id, "ABORT", record.version, record.epoch or 0)
                     self._close_aborted(record.id)
                 elif record.state == TxnState.COMMITTING:
                     pending = {
                         r["rank"] for r in record.ranks if r["state"] != RankPhase.COMMITTED.value
                     }
-                    self._send(record.id, "COMMIT", record.version, record.epoch or 0, pending)
+                    # Ranks that have committed ack a repeated COMMIT again and change nothing.
+                    self._broadcast(record.id, "COMMIT", record.version, record.epoch or 0)
                     if wait:
                         acks = self._await(
                             record.id,
@@ -366,34 +370,21 @@ class Coordinator:
             may_be, prepared_status = ALLOWED_FROM[_S.PREPARED], _S.PREPARED.value
         else:
             may_be, prepared_status = EVER_ACTIVE, ""
+        shards_json = json.dumps(
+            [{k: s[k] for k in ("digest", "tensor_digest", "bytes", "path")} for s in shards]
+        )
         begin_epoch, from_version = self._scripts[BEGIN](
             [
                 self._keys.update_lock, self._keys.epoch, self._keys.active,
                 self._keys.txn(txn_id), self._keys.open_txns, self._keys.version(version),
-                self._keys.events,
+                self._keys.events, self._keys.rank_commands,
             ],
             [
-                fence, txn_id, version, kind.value, self.tp_size, repr(time.time()),
-                ",".join(expected[r] for r in range(self.tp_size)), _csv(may_be),
-                prepared_status, EVENTS_MAXLEN,
+                fence, txn_id, version, kind.value, repr(time.time()), shards_json, _csv(may_be),
+                prepared_status, EVENTS_MAXLEN, COMMANDS_MAXLEN,
             ],
         )  # fmt: skip
         log.info("%s version %d: transaction %s, epoch %s", what, version, txn_id, begin_epoch)
-        self._send(
-            txn_id,
-            "PREPARE",
-            version,
-            int(begin_epoch),
-            extra={
-                s["rank"]: {
-                    "digest": s["digest"],
-                    "tensor_digest": s["tensor_digest"],
-                    "bytes": s["bytes"],
-                    "path": s["path"],
-                }
-                for s in shards
-            },
-        )
         acks = self._await(
             txn_id,
             RankPhase.PREPARED,
@@ -415,7 +406,7 @@ class Coordinator:
         log.info("transaction %s: COMMIT at epoch %s", txn_id, epoch)
         if self.pause_after_decision_s:
             time.sleep(self.pause_after_decision_s)
-        self._send(txn_id, "COMMIT", version, int(epoch))
+        self._broadcast(txn_id, "COMMIT", version, int(epoch))
         done = self._await(
             txn_id,
             RankPhase.COMMITTED,
@@ -460,7 +451,6 @@ class Coordinator:
         )
         log.warning("transaction %s (version %d): ABORT at epoch %s: %s",
                     txn_id, version, epoch, reason)  # fmt: skip
-        self._send(txn_id, "ABORT", version, int(epoch))
         self._close_aborted(txn_id)
 
     def _decide(
@@ -488,30 +478,17 @@ class Coordinator:
         )  # fmt: skip
 
     def _close_aborted(self, txn_id: str) -> None:
+        """Send ABORT to every rank and close the transaction, in one step."""
         self._scripts[CLOSE_ABORTED](
             [self._keys.txn(txn_id), self._keys.open_txns, self._keys.txn_acks(txn_id),
-             self._keys.events],
-            [txn_id, repr(time.time()), EVENTS_MAXLEN],
+             self._keys.events, self._keys.rank_commands],
+            [txn_id, repr(time.time()), EVENTS_MAXLEN, COMMANDS_MAXLEN],
         )  # fmt: skip
 
-    def _send(
-        self,
-        txn_id: str,
-        command: str,
-        version: int,
-        epoch: int,
-        ranks: set[int] | None = None,
-        *,
-        extra: dict[int, dict[str, Any]] | None = None,
-    ) -> None:
-        """Put one command in the inbox of each rank (all ranks unless `ranks`)."""
-        pipe = self._r.pipeline(transaction=False)
-        for r in sorted(range(self.tp_size) if ranks is None else ranks):
-            fields = {"type": command, "txn": txn_id, "version": version, "epoch": epoch}
-            if extra:
-                fields.update(extra[r])
-            pipe.xadd(self._keys.rank_inbox(r), fields, maxlen=INBOX_MAXLEN, approximate=True)
-        pipe.execute()
+    def _broadcast(self, txn_id: str, command: str, version: int, epoch: int) -> None:
+        """Append one command for every rank to the ranks' command stream."""
+        fields = {"type": command, "txn": txn_id, "version": version, "epoch": epoch}
+        self._r.xadd(self._keys.rank_commands, fields, maxlen=COMMANDS_MAXLEN, approximate=True)
 
     def _await(
         self,

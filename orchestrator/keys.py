@@ -106,9 +106,11 @@ class Keys:
         lives while it exists (Redis's clock judges, so rank hosts' clocks may drift)."""
         return self._k("rank", rank, "alive")
 
-    def rank_inbox(self, rank: int) -> str:
-        """Stream of commands to one rank agent (prepare, commit, abort)."""
-        return self._k("rank", rank, "inbox")
+    @property
+    def rank_commands(self) -> str:
+        """Stream of commands to every rank agent (PREPARE, COMMIT, ABORT), in order. One entry
+        per command: a PREPARE lists every rank's shard, and each agent takes its own."""
+        return self._k("ranks", "commands")
 
     def txn_acks(self, txn_id: str) -> str:
         """Stream of acks from ranks for one transaction."""

@@ -4,14 +4,14 @@ Life of an agent:
 1. Register in its rank hash with a fresh `instance` token (so the coordinator can tell a
    restarted agent from the one it sent commands to) and start heartbeating: a key that expires
    after ranks.heartbeat_timeout_s, refreshed every ranks.heartbeat_interval_s.
-2. Note the end of its inbox stream, then load the active version (so a restarted rank serves
-   the active version, never a staged or an older one) and ack the commit that made it active.
-   Commands that arrived before step 2 belong to the previous incarnation and are skipped.
-3. Serve commands from its inbox, in order:
+2. Note the end of the ranks' command stream, then load the active version (so a restarted rank
+   serves the active version, never a staged or an older one) and ack the commit that made it
+   active. Commands that came before step 2 were for the previous incarnation and are skipped.
+3. Serve commands from the stream, in order:
    - PREPARE: refused if its epoch is older than the current epoch (its transaction was decided
-     while this agent was stopped or slow). Else fetch the shard (the daemon's file when readable,
-     or GET /artifacts/V/R, per ranks.fetch), check size and sha256 of the bytes, stage them
-     through the adapter, and ack PREPARED with the tensor digest of what is staged. The ack
+     while this agent was stopped or slow). Else fetch this rank's shard (the daemon's file when
+     readable, or GET /artifacts/V/R, per ranks.fetch), check size and sha256 of the bytes, stage
+     them through the adapter, and ack PREPARED with the tensor digest of what is staged. The ack
      script refuses it, too, if a decision happened meanwhile; the staged shard is then dropped.
    - COMMIT: refused if its epoch is older than that of the version held. Swap the staged shard
      in (or load the version, if this agent restarted after preparing), ack COMMITTED. Repeats are
@@ -75,7 +75,6 @@ class RankState(StrEnum):
 
     STARTING = "STARTING"
     READY = "READY"
-    PREPARING = "PREPARING"
     PREPARED = "PREPARED"
     FAILED = "FAILED"
     STOPPED = "STOPPED"
@@ -182,7 +181,7 @@ class RankAgent:
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         try:
-            cursor = self._retry(self._inbox_tail)
+            cursor = self._retry(self._commands_tail)
             from orchestrator.adapters import make_adapter
 
             self._adapter = make_adapter(self.settings.ranks.device, self.rank)
@@ -268,8 +267,8 @@ class RankAgent:
                 time.sleep(_RETRY_S)
 
     # Loading the active version ------------------------------------------------------------
-    def _inbox_tail(self) -> str:
-        last = self.redis.xrevrange(self.keys.rank_inbox(self.rank), count=1)
+    def _commands_tail(self) -> str:
+        last = self.redis.xrevrange(self.keys.rank_commands, count=1)
         return str(last[0][0]) if last else "0-0"
 
     def _load_active_until_done(self) -> None:
@@ -326,16 +325,15 @@ class RankAgent:
 
     # Commands ------------------------------------------------------------------------------
     def _serve(self, cursor: str) -> None:
-        inbox = self.keys.rank_inbox(self.rank)
         while not self._stop.is_set():
-            reply = self._retry(self._read, inbox, cursor)
+            reply = self._retry(self._read, cursor)
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     self._retry(self._handle, fields)
                     cursor = entry_id
 
-    def _read(self, inbox: str, cursor: str) -> Any:
-        return self.redis.xread({inbox: cursor}, count=16, block=_READ_BLOCK_MS)
+    def _read(self, cursor: str) -> Any:
+        return self.redis.xread({self.keys.rank_commands: cursor}, count=16, block=_READ_BLOCK_MS)
 
     def _handle(self, cmd: dict[str, str]) -> None:
         kind = cmd.get("type")
@@ -354,10 +352,14 @@ class RankAgent:
         if epoch < current:
             self._refuse(cmd, f"PREPARE carries epoch {epoch} but the current epoch is {current}")
             return
-        self.redis.hset(self.keys.rank(self.rank), mapping={
-            "state": RankState.PREPARING, "staged_txn": txn})  # fmt: skip
+        shards = json.loads(cmd["shards"])
+        if self.rank >= len(shards):
+            self._refuse(cmd, f"the transaction has {len(shards)} ranks (ranks.tp_size differs)")
+            return
+        # No 'preparing' state is written here: with appendfsync always, every write is an fsync
+        # on the rollout's critical path, and the ack below says all that matters.
         self.staged_txn = txn
-        entry = {"path": cmd["path"], "bytes": int(cmd["bytes"]), "digest": cmd["digest"]}
+        entry = shards[self.rank]
         try:
             digest = self.adapter.stage(version, self._fetch_tensors(version, entry))
         except Exception as exc:

@@ -145,7 +145,7 @@ end
 
 BEGIN = LuaScript(
     name="txn_begin",
-    num_keys=7,
+    num_keys=8,
     errors={
         "FENCED": FencedOut,
         "BUSY": StaleTransition,
@@ -155,14 +155,16 @@ BEGIN = LuaScript(
     source=FENCE_CHECK_LUA
     + _STATUS_LUA
     + """
--- Open a transaction: record it (with the active version it starts from and the current epoch),
--- mark it open, point the version at it, and move the version to its preparing status.
+-- Open a transaction and send PREPARE to every rank in one step: record it (with the active
+-- version it starts from and the current epoch), mark it open, point the version at it, move the
+-- version to its preparing status, and append PREPARE (with every rank's shard) to the ranks'
+-- command stream.
 -- KEYS[1] lock  KEYS[2] epoch  KEYS[3] active  KEYS[4] txn hash  KEYS[5] open txns set
--- KEYS[6] the version's hash  KEYS[7] events stream
+-- KEYS[6] the version's hash  KEYS[7] events stream  KEYS[8] ranks' command stream
 -- ARGV[1] fence  ARGV[2] txn id  ARGV[3] version  ARGV[4] kind (rollout | rollback)
--- ARGV[5] tp_size  ARGV[6] now  ARGV[7] the shards' tensor digests, comma-separated, rank order
--- ARGV[8] statuses the version may be in (csv)  ARGV[9] status to move it to now ('' = none)
--- ARGV[10] stream MAXLEN (approximate)
+-- ARGV[5] now  ARGV[6] JSON list, rank order, of each shard's {digest, tensor_digest, bytes,
+--   path}  ARGV[7] statuses the version may be in (csv)  ARGV[8] status to move it to now
+--   ('' = none)  ARGV[9] events MAXLEN  ARGV[10] command stream MAXLEN (both approximate)
 -- Returns {"OK", begin epoch, active version or ""} | {"FENCED"|"BUSY"|"NOT_FOUND"|"STALE", msg}
 local ok, msg = fence_ok(KEYS[1], ARGV[1])
 if not ok then return {'FENCED', msg} end
@@ -170,32 +172,34 @@ local open = redis.call('SMEMBERS', KEYS[5])
 if #open > 0 then
   return {'BUSY', 'transaction(s) ' .. table.concat(open, ', ') .. ' are still open'}
 end
-local current, allowed = status_in(KEYS[6], ARGV[8])
+local current, allowed = status_in(KEYS[6], ARGV[7])
 if not current then return {'NOT_FOUND', 'version ' .. ARGV[3] .. ' does not exist'} end
 if not allowed then
-  return {'STALE', 'version ' .. ARGV[3] .. ' is ' .. current .. ', not one of ' .. ARGV[8]}
+  return {'STALE', 'version ' .. ARGV[3] .. ' is ' .. current .. ', not one of ' .. ARGV[7]}
 end
+local shards = cjson.decode(ARGV[6])
 local epoch = redis.call('GET', KEYS[2]) or '0'
 local from = redis.call('HGET', KEYS[3], 'version') or ''
 local fields = {'id', ARGV[2], 'version', ARGV[3], 'kind', ARGV[4], 'from_version', from,
-  'state', 'PREPARING', 'begin_epoch', epoch, 'fence', ARGV[1], 'tp_size', ARGV[5],
-  'created_at', ARGV[6]}
-local r = 0
-for d in string.gmatch(ARGV[7], '[^,]+') do
+  'state', 'PREPARING', 'begin_epoch', epoch, 'fence', ARGV[1], 'tp_size', #shards,
+  'created_at', ARGV[5]}
+for i, shard in ipairs(shards) do
+  local r = i - 1
   table.insert(fields, 'x' .. r)
-  table.insert(fields, d)
+  table.insert(fields, shard['tensor_digest'])
   table.insert(fields, 'r' .. r)
   table.insert(fields, 'PENDING')
-  r = r + 1
 end
 redis.call('HSET', KEYS[4], unpack(fields))
 redis.call('SADD', KEYS[5], ARGV[2])
 redis.call('HSET', KEYS[6], 'last_txn', ARGV[2])
-if ARGV[9] ~= '' then
-  set_status(KEYS[6], KEYS[7], ARGV[3], current, ARGV[9], ARGV[6], '', ARGV[10])
+if ARGV[8] ~= '' then
+  set_status(KEYS[6], KEYS[7], ARGV[3], current, ARGV[8], ARGV[5], '', ARGV[9])
 end
-redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[10], '*', 'kind', 'txn', 'txn', ARGV[2],
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[9], '*', 'kind', 'txn', 'txn', ARGV[2],
   'version', ARGV[3], 'from', '', 'to', 'PREPARING', 'epoch', epoch, 'reason', ARGV[4])
+redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[10], '*', 'type', 'PREPARE', 'txn', ARGV[2],
+  'version', ARGV[3], 'epoch', epoch, 'shards', ARGV[6])
 return {'OK', epoch, from}
 """,
 )
@@ -368,25 +372,26 @@ return {'OK', tostring(epoch)}
 
 CLOSE_ABORTED = LuaScript(
     name="txn_close_aborted",
-    num_keys=4,
+    num_keys=5,
     errors={"NOT_FOUND": NotFound, "STALE": StaleTransition},
     source="""
--- Close an aborted transaction once every rank has been told to drop its staged shard.
+-- Tell every rank to drop what it staged for an aborted transaction, and close it, in one step.
+-- Sending ABORT again for a closed transaction is harmless (ranks drop only that txn's shard).
 -- KEYS[1] txn hash  KEYS[2] open txns set  KEYS[3] txn acks stream  KEYS[4] events stream
--- ARGV[1] txn id  ARGV[2] now  ARGV[3] stream MAXLEN (approximate)
+-- KEYS[5] ranks' command stream
+-- ARGV[1] txn id  ARGV[2] now  ARGV[3] events MAXLEN  ARGV[4] command stream MAXLEN
 -- Returns {"OK"} | {"NOT_FOUND"|"STALE", msg}
 local t = redis.call('HMGET', KEYS[1], 'state', 'version', 'epoch')
 local state, version, epoch = t[1], t[2], t[3]
 if not state then return {'NOT_FOUND', 'transaction ' .. ARGV[1] .. ' does not exist'} end
-if state == 'ABORTED' then
-  redis.call('SREM', KEYS[2], ARGV[1])
-  return {'OK'}
-end
-if state ~= 'ABORTING' then
+if state ~= 'ABORTING' and state ~= 'ABORTED' then
   return {'STALE', 'transaction ' .. ARGV[1] .. ' is ' .. state .. ', not ABORTING'}
 end
-redis.call('HSET', KEYS[1], 'state', 'ABORTED', 'closed_at', ARGV[2])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'type', 'ABORT', 'txn', ARGV[1],
+  'version', version, 'epoch', epoch)
 redis.call('SREM', KEYS[2], ARGV[1])
+if state == 'ABORTED' then return {'OK'} end
+redis.call('HSET', KEYS[1], 'state', 'ABORTED', 'closed_at', ARGV[2])
 redis.call('EXPIRE', KEYS[3], 86400)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'kind', 'txn', 'txn', ARGV[1],
   'version', version, 'from', 'ABORTING', 'to', 'ABORTED', 'epoch', epoch, 'reason', '')

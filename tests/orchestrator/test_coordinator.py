@@ -3,6 +3,7 @@ across real rank agents."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -28,11 +29,13 @@ class Scripts:
 
     def begin(self, txn: str, version: int, fence: int, digests: list[str]) -> list:
         k = self.k
+        shards = [{"digest": "f" * 64, "tensor_digest": d, "bytes": 1, "path": "/p"}
+                  for d in digests]  # fmt: skip
         return self.run[BEGIN](
             [k.update_lock, k.epoch, k.active, k.txn(txn), k.open_txns, k.version(version),
-             k.events],
-            [fence, txn, version, "rollout", len(digests), repr(time.time()), ",".join(digests),
-             "QUANTIZED,VERIFIED", "PREPARED", EVENTS_MAXLEN],
+             k.events, k.rank_commands],
+            [fence, txn, version, "rollout", repr(time.time()), json.dumps(shards),
+             "QUANTIZED,VERIFIED", "PREPARED", EVENTS_MAXLEN, 100],
         )  # fmt: skip
 
     def ack(self, txn: str, rank: int, phase: str, epoch: int, digest: str = "") -> list:
@@ -56,9 +59,12 @@ class Scripts:
     def close(self, txn: str) -> list:
         k = self.k
         return self.run[CLOSE_ABORTED](
-            [k.txn(txn), k.open_txns, k.txn_acks(txn), k.events],
-            [txn, repr(time.time()), EVENTS_MAXLEN],
+            [k.txn(txn), k.open_txns, k.txn_acks(txn), k.events, k.rank_commands],
+            [txn, repr(time.time()), EVENTS_MAXLEN, 100],
         )
+
+    def commands(self) -> list[dict[str, str]]:
+        return [f for _, f in self.c.client.xrange(self.k.rank_commands)]
 
 
 @pytest.fixture
@@ -81,6 +87,9 @@ def test_begin_needs_the_current_fence_and_no_open_transaction(scripts: Scripts)
     epoch, active = scripts.begin("t1", v, fence, _digests(c, v))
     assert (epoch, active) == ("0", "")
     assert c.status(v) == S.PREPARED
+    (prepare,) = scripts.commands()  # PREPARE went out in the same step, with every shard
+    assert (prepare["type"], prepare["txn"], prepare["epoch"]) == ("PREPARE", "t1", "0")
+    assert [s["tensor_digest"] for s in json.loads(prepare["shards"])] == _digests(c, v)
     assert c.client.smembers(c.keys.open_txns) == {"t1"}
     assert c.client.hget(c.keys.version(v), "last_txn") == "t1"
     v2 = c.make_version()
@@ -200,9 +209,14 @@ def test_an_abort_closes_only_through_close_aborted(scripts: Scripts) -> None:
     assert c.versions.get(v).reason == "test abort"
     assert c.client.smembers(c.keys.open_txns) == {"t1"}
     assert scripts.close("t1") == []
-    assert scripts.close("t1") == []
     assert c.client.hget(c.keys.txn("t1"), "state") == "ABORTED"
     assert c.client.smembers(c.keys.open_txns) == set()
+    assert [(m["type"], m["txn"], m["epoch"]) for m in scripts.commands()[1:]] == [
+        ("ABORT", "t1", "1")]  # fmt: skip
+    assert scripts.close("t1") == []  # again: ABORT re-sent, nothing else changes
+    assert [m["type"] for m in scripts.commands()] == ["PREPARE", "ABORT", "ABORT"]
+    assert [e["to"] for e in c.events(kind="txn", txn="t1")] == ["PREPARING", "ABORTING",
+                                                                  "ABORTED"]  # fmt: skip
 
 
 # --- Whole rollouts across real rank agents -------------------------------------------------

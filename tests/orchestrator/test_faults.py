@@ -97,10 +97,11 @@ def test_a_rank_paused_past_the_deadline_is_refused_with_its_old_epoch(make_clus
     c = make_cluster(4)
     v1 = c.make_version()
     c.rollout(v1)
-    # Rank 2's shard is large enough that fetching, checking and staging it takes a while: the
-    # window in which it is paused, between its epoch check and its PREPARED ack.
+    # Rank 2's shard is large enough that fetching, checking and staging it takes a while after
+    # the others have acked: the window in which it is paused, past its epoch check and before
+    # its PREPARED ack. (Paused before its epoch check instead, it refuses the PREPARE itself.)
     shards = random_shards(4, seed=7)
-    shards[2]["big"] = torch.randn(4096, 4096).to(torch.bfloat16)
+    shards[2]["big"] = torch.randn(4096, 8192).to(torch.bfloat16)
     v2 = c.make_version(shards=shards)
     outcome: dict[str, str] = {}
 
@@ -112,8 +113,7 @@ def test_a_rank_paused_past_the_deadline_is_refused_with_its_old_epoch(make_clus
 
     thread = threading.Thread(target=roll)
     thread.start()
-    txn = wait_for(lambda: c.rank_hash(2).get("state") == "PREPARING" and
-                   c.client.hget(c.keys.version(v2), "last_txn"))  # fmt: skip
+    txn = wait_txn(c, v2, lambda t: all(t[f"r{r}"] == "PREPARED" for r in (0, 1, 3)))["id"]
     c.signal_rank(2, signal.SIGSTOP)
     try:
         thread.join(30)
