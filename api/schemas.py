@@ -44,6 +44,7 @@ class UpdateState(BaseModel):
     label: str | None
     verify: bool
     created_at: float
+    started_at: float | None = Field(None, description="When its first stage began.")
     finished_at: float | None
     status_url: str | None = None
 

@@ -69,6 +69,9 @@ class UpdateRecord:
     source: dict[str, Any]
     created_at: float
     finished_at: float | None
+    # When the pipeline began to run it (its first stage, under the update lock); None while
+    # it waits in the queue.
+    started_at: float | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> UpdateRecord:
@@ -84,6 +87,7 @@ class UpdateRecord:
             source=json.loads(raw["source"]),
             created_at=float(raw["created_at"]),
             finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
+            started_at=float(raw["started_at"]) if raw.get("started_at") else None,
         )
 
     @property
@@ -102,6 +106,7 @@ class UpdateRecord:
             "verify": self.verify,
             "source": self.source,
             "created_at": self.created_at,
+            "started_at": self.started_at,
             "finished_at": self.finished_at,
         }
 
@@ -213,7 +218,10 @@ class UpdateQueue:
             "status": UpdateStatus.RUNNING.value,
         }
         mapping["progress"] = repr(STAGE_START.get(stage, 0.0) if progress is None else progress)
-        self._r.hset(self._keys.update(update_id), mapping=mapping)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(self._keys.update(update_id), mapping=mapping)
+        pipe.hsetnx(self._keys.update(update_id), "started_at", repr(time.time()))
+        pipe.execute()
 
     def finish(self, update_id: str, *, ok: bool, stage: Stage, error: str | None) -> None:
         self._r.hset(
