@@ -24,6 +24,7 @@ from orchestrator.errors import (
     BadRequest,
     Conflict,
     InvalidUpdate,
+    LockHeld,
     RefitError,
     RolloutAborted,
 )
@@ -228,19 +229,30 @@ class UpdatePipeline:
         record = self.queue.get(update_id)
         version = record.version
         started = time.perf_counter()
-        with self.lock_factory() as lock:
-            try:
-                self._run_stages(record, fence=lock.fence)
-            except RolloutAborted as exc:
-                self._fail(record, Stage.ABORTED, exc.message, None, "aborted")
-            except InvalidUpdate as exc:
-                self._fail(record, Stage.REJECTED, exc.message, VersionStatus.REJECTED, "rejected")
-            except Exception as exc:
-                message = (
-                    exc.message if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
-                )
-                log.exception("update %s (version %d) failed", update_id, version)
-                self._fail(record, Stage.ABORTED, message, VersionStatus.ABORTED, "failed")
+        # A rollback (or a starting daemon's recovery) may hold the lock: wait for it, as long as
+        # a holder can keep it (a live one: its deadlines; a dead one: until its TTL runs out),
+        # rather than drop an update that was acknowledged.
+        rollout = self.settings.rollout
+        wait_s = rollout.lock_ttl_s + rollout.prepare_deadline_s + rollout.commit_deadline_s
+        lock = self.lock_factory(timeout_s=wait_s)
+        try:
+            lock.acquire()
+        except LockHeld as exc:
+            message = f"the update lock stayed busy for {wait_s:g}s ({exc.message}); push it again"
+            self._fail(record, Stage.ABORTED, message, VersionStatus.ABORTED, "aborted")
+            return
+        try:
+            self._run_stages(record, fence=lock.fence)
+        except RolloutAborted as exc:
+            self._fail(record, Stage.ABORTED, exc.message, None, "aborted")
+        except InvalidUpdate as exc:
+            self._fail(record, Stage.REJECTED, exc.message, VersionStatus.REJECTED, "rejected")
+        except Exception as exc:
+            message = exc.message if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
+            log.exception("update %s (version %d) failed", update_id, version)
+            self._fail(record, Stage.ABORTED, message, VersionStatus.ABORTED, "failed")
+        finally:
+            lock.release()
         log.info("update %s (version %d) finished in %.2fs", update_id, version,
                  time.perf_counter() - started)  # fmt: skip
 
