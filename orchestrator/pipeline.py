@@ -275,8 +275,11 @@ class UpdatePipeline:
     def _stage(self, record: UpdateRecord, stage: Stage) -> Iterator[None]:
         self.queue.set_stage(record.update_id, stage)
         t0 = time.perf_counter()
-        yield
-        self.metrics.stage_seconds.labels(stage.value).observe(time.perf_counter() - t0)
+        try:
+            yield
+        finally:
+            # A stage that rejects or aborts the update took its time too.
+            self.metrics.stage_seconds.labels(stage.value).observe(time.perf_counter() - t0)
 
     def _run_stages(self, record: UpdateRecord, *, fence: int) -> None:
         from orchestrator.planner import plan_model
