@@ -240,6 +240,7 @@ class UpdatePipeline:
         except LockHeld as exc:
             message = f"the update lock stayed busy for {wait_s:g}s ({exc.message}); push it again"
             self._fail(record, Stage.ABORTED, message, VersionStatus.ABORTED, "aborted")
+            self._drop_upload(record)
             return
         try:
             self._run_stages(record, fence=lock.fence)
@@ -253,8 +254,15 @@ class UpdatePipeline:
             self._fail(record, Stage.ABORTED, message, VersionStatus.ABORTED, "failed")
         finally:
             lock.release()
+        self._drop_upload(record)
         log.info("update %s (version %d) finished in %.2fs", update_id, version,
                  time.perf_counter() - started)  # fmt: skip
+
+    def _drop_upload(self, record: UpdateRecord) -> None:
+        """Delete a final update's uploaded bytes: the version's artifacts hold what the ranks
+        load, and a rollback reads those, so the upload (a whole checkpoint) is never read again."""
+        if record.source.get("type") == "upload":
+            Path(record.source["file"]).unlink(missing_ok=True)
 
     def _fail(
         self,
@@ -396,4 +404,5 @@ class UpdatePipeline:
                 final = self.versions.get(record.version)
                 stage = Stage.REJECTED if final.status is VersionStatus.REJECTED else Stage.ABORTED
                 self.queue.finish(update_id, ok=False, stage=stage, error=final.reason)
+            self._drop_upload(record)
             self.queue.done(update_id)
