@@ -18,24 +18,37 @@ from tests.conftest import DaemonProcess
 DEV = {"REFITD_DEV_MODE": "true", "REFITD_RANKS__LAUNCH": "external"}
 
 
-def _redis_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-x", "redis-server"], capture_output=True, text=True).stdout
+def _redis_children(pid: int) -> set[int]:
+    """redis-server processes whose parent is `pid`."""
+    out = subprocess.run(["pgrep", "-P", str(pid), "-x", "redis-server"], capture_output=True,
+                         text=True).stdout  # fmt: skip
     return {int(p) for p in out.split()}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "zombie" not in status
+
+
 def test_serve_answers_health_and_stops_its_redis(start_daemon, tmp_path: Path) -> None:
-    before = _redis_pids()
     daemon: DaemonProcess = start_daemon(DEV)
+    assert daemon.proc is not None
     assert httpx.get(f"{daemon.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{daemon.url}/readyz")
     assert ready.status_code == 503
     assert "no version" in ready.json()["reason"]
-    ours = _redis_pids() - before
+    ours = _redis_children(daemon.proc.pid)
     assert len(ours) == 1, "serve starts exactly one embedded redis-server"
+    (redis_pid,) = ours
+    pidfile = daemon.data_dir / "redis" / "redis.pid"
+    assert int(pidfile.read_text()) == redis_pid
     assert "embedded redis-server pid" in daemon.log()
 
     assert daemon.stop() == 0
-    assert not (_redis_pids() & ours), "stopping the daemon leaves no redis-server running"
+    assert not _alive(redis_pid), "stopping the daemon leaves no redis-server running"
     assert "embedded redis-server stopped" in daemon.log()
 
 
