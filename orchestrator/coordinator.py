@@ -59,6 +59,8 @@ COMMANDS_MAXLEN = 1000
 # it notices a rank that died mid-prepare. XREAD blocks for at most this long at a time.
 LIVENESS_CHECK_S = 0.1
 
+_HISTORY_CHUNK = 64
+
 _S = VersionStatus
 IN_FLIGHT = frozenset({_S.RECEIVED, _S.QUANTIZED, _S.VERIFIED, _S.PREPARED})
 EVER_ACTIVE = frozenset({_S.SUPERSEDED, _S.ROLLED_BACK})
@@ -247,16 +249,21 @@ class Coordinator:
         the default rollback target, and never pruned."""
         with _redis_errors():
             active = self._active_version()
-            history = self._r.lrange(self._keys.active_history, 0, -1)
             seen: set[int] = set()
-            for item in reversed(history):
-                version = int(item)
-                if version == active or version in seen:
-                    continue
-                seen.add(version)
-                with contextlib.suppress(NotFound):
-                    if self._versions.get(version).status == _S.SUPERSEDED:
-                        return version
+            # Read from the end in chunks: the answer is nearly always among the last entries.
+            end = -1
+            while chunk := self._r.lrange(self._keys.active_history, end - _HISTORY_CHUNK + 1, end):
+                for item in reversed(chunk):
+                    version = int(item)
+                    if version == active or version in seen:
+                        continue
+                    seen.add(version)
+                    with contextlib.suppress(NotFound):
+                        if self._versions.get(version).status == _S.SUPERSEDED:
+                            return version
+                if len(chunk) < _HISTORY_CHUNK:
+                    break
+                end -= _HISTORY_CHUNK
         return None
 
     def committed_history(self) -> list[int]:
@@ -373,6 +380,10 @@ class Coordinator:
         shards_json = json.dumps(
             [{k: s[k] for k in ("digest", "tensor_digest", "bytes", "path")} for s in shards]
         )
+        # Each rank's incarnation as the PREPARE goes out: one that restarts after this may have
+        # missed it, and waiting for its ack would only run out the deadline.
+        instances: dict[int, str] = {}
+        self._rank_trouble(set(range(self.tp_size)), instances)
         begin_epoch, from_version = self._scripts[BEGIN](
             [
                 self._keys.update_lock, self._keys.epoch, self._keys.active,
@@ -391,6 +402,7 @@ class Coordinator:
             set(range(self.tp_size)),
             self._settings.rollout.prepare_deadline_s,
             expected=expected,
+            instances=instances,
         )
         t_prepared = time.perf_counter()
         if acks.failure is not None:
@@ -500,17 +512,19 @@ class Coordinator:
         start: str = "0-0",
         expected: dict[int, str] | None = None,
         stop_when_dead: bool = False,
+        instances: dict[int, str] | None = None,
     ) -> _Acks:
         """Wait for `phase` acks from `ranks` on the transaction's acks stream.
 
         In the prepare phase (`expected` given) the first FAILED ack, wrong digest, dead or
-        restarted rank, or the deadline is a failure. In the commit phase nothing fails: the
-        wait ends at the deadline, or early when every rank still owing an ack is dead.
+        restarted rank (its incarnation differs from `instances`, or from the first look), or
+        the deadline is a failure. In the commit phase nothing fails: the wait ends at the
+        deadline, or early when every rank still owing an ack is dead.
         """
         stream = self._keys.txn_acks(txn_id)
         acks = _Acks(last_id=start, pending=set(ranks))
         end = time.monotonic() + deadline_s
-        instances: dict[int, str] = {}
+        instances = {} if instances is None else instances
         next_check = 0.0
         while acks.pending:
             now = time.monotonic()

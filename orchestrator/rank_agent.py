@@ -33,6 +33,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from enum import StrEnum
@@ -460,7 +461,8 @@ class RankAgent:
 
 
 def run_rank_agent(settings: Settings, rank: int) -> None:
-    """Run rank `rank`'s agent in this process until SIGTERM or SIGINT."""
+    """Run rank `rank`'s agent in this process until SIGTERM or SIGINT, then exit the process
+    (RefitError from start-up, e.g. Redis unreachable, is raised for the CLI to report)."""
     agent = RankAgent(settings, rank)
 
     def _exit(signum: int, frame: FrameType | None) -> None:
@@ -470,4 +472,15 @@ def run_rank_agent(settings: Settings, rank: int) -> None:
 
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGINT, _exit)
-    agent.run()
+    try:
+        agent.run()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 0
+    # The agent has deregistered and holds nothing that needs flushing but its logs; tearing
+    # down an interpreter with torch loaded takes about a second, which every restart and every
+    # daemon shutdown would wait for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
