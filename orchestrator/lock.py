@@ -54,20 +54,27 @@ return {'OK', tostring(fence)}
 """,
 )
 
+_NOT_OURS_LUA = """
+local function not_ours(lock_key, expected)
+  local current = redis.call('GET', lock_key)
+  if current == expected then return nil end
+  return {'NOT_HELD', 'the update lock is no longer ' .. expected .. ' (now ' ..
+    tostring(current or 'free') .. ')'}
+end
+"""
+
 RELEASE = LuaScript(
     name="lock_release",
     num_keys=2,
     errors={"NOT_HELD": LockHeld},
-    source="""
+    source=_NOT_OURS_LUA
+    + """
 -- Delete the lock only if it still holds our value (compare-and-delete).
 -- KEYS[1] lock  KEYS[2] events stream
 -- ARGV[1] expected value "<fence>:<owner>"  ARGV[2] stream MAXLEN (approximate)
 -- Returns {"OK"} | {"NOT_HELD", msg}
-local current = redis.call('GET', KEYS[1])
-if current ~= ARGV[1] then
-  return {'NOT_HELD', 'the update lock is no longer ' .. ARGV[1] .. ' (now ' ..
-    tostring(current or 'free') .. ')'}
-end
+local refused = not_ours(KEYS[1], ARGV[1])
+if refused then return refused end
 redis.call('DEL', KEYS[1])
 local fence = string.match(ARGV[1], '^(%d+):')
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'lock', 'to', 'free',
@@ -80,16 +87,14 @@ EXTEND = LuaScript(
     name="lock_extend",
     num_keys=1,
     errors={"NOT_HELD": LockHeld},
-    source="""
+    source=_NOT_OURS_LUA
+    + """
 -- Push the lock's expiry out only if it still holds our value (compare-and-pexpire).
 -- KEYS[1] lock
 -- ARGV[1] expected value "<fence>:<owner>"  ARGV[2] ttl (ms)
 -- Returns {"OK"} | {"NOT_HELD", msg}
-local current = redis.call('GET', KEYS[1])
-if current ~= ARGV[1] then
-  return {'NOT_HELD', 'the update lock is no longer ' .. ARGV[1] .. ' (now ' ..
-    tostring(current or 'free') .. ')'}
-end
+local refused = not_ours(KEYS[1], ARGV[1])
+if refused then return refused end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {'OK'}
 """,
