@@ -115,12 +115,29 @@ def inspect_files(source: WeightFiles, *, max_tensors: int) -> dict[str, tuple[s
                             f"the update holds more than limits.max_tensors={max_tensors} tensors"
                         )
         except SafetensorError as exc:
+            if _looks_pickled(path):
+                raise InvalidUpdate(
+                    f"{path.name} holds a pickle checkpoint (torch.save), which refitd never loads "
+                    "(it can run code); convert it to safetensors first "
+                    "(safetensors.torch.save_file(state_dict, path))"
+                ) from None
             raise InvalidUpdate(f"{path.name} is not a valid safetensors file: {exc}") from None
         except OSError as exc:
             raise InvalidUpdate(f"{path.name} cannot be read: {exc}") from None
     if not found:
         raise InvalidUpdate("the update holds no tensors")
     return found
+
+
+def _looks_pickled(path: Path) -> bool:
+    """Whether a file that is not safetensors starts like torch.save's output: a zip archive, or
+    (before torch 1.6) a bare pickle stream (PROTO opcode, protocol 2 to 5). Nothing is loaded."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def load_tensors(source: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
