@@ -33,9 +33,6 @@ class TxnState(StrEnum):
     ABORTED = "ABORTED"
 
 
-OPEN_STATES = frozenset({TxnState.PREPARING, TxnState.COMMITTING, TxnState.ABORTING})
-
-
 class RankPhase(StrEnum):
     """A rank's answer within one transaction."""
 

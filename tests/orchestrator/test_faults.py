@@ -15,14 +15,7 @@ import torch
 from orchestrator.errors import RolloutAborted
 from orchestrator.versions import VersionStatus
 from tests.conftest import wait_until
-from tests.orchestrator._cluster import (  # noqa: F401
-    Cluster,
-    Driver,
-    make_cluster,
-    random_shards,
-    wait_for,
-    wait_txn,
-)
+from tests.orchestrator._cluster import Driver, make_cluster, random_shards, wait_txn  # noqa: F401
 
 S = VersionStatus
 
