@@ -27,6 +27,10 @@ from orchestrator.settings import REPO_ROOT, Settings
 log = logging.getLogger("refitd.supervisor")
 
 _POLL_S = 0.1
+# An agent that dies sooner than this after starting is crash-looping (bad settings, Redis gone):
+# each such death doubles the wait before the next start, up to _MAX_BACKOFF_S.
+_STABLE_S = 10.0
+_MAX_BACKOFF_S = 30.0
 
 
 def settings_yaml(settings: Settings) -> str:
@@ -69,6 +73,10 @@ class Supervisor:
         self.restarts = dict.fromkeys(range(settings.ranks.tp_size), 0)
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._restart_at: dict[int, float] = {}
+        self._started_at: dict[int, float] = {}
+        self._backoff = dict.fromkeys(
+            range(settings.ranks.tp_size), settings.ranks.restart_backoff_s
+        )
         self._stop = threading.Event()
         self._spawned = threading.Event()
         self._thread: threading.Thread | None = None
@@ -133,6 +141,7 @@ class Supervisor:
                 out.close()
         with self._mutex:
             self._procs[rank] = proc
+        self._started_at[rank] = time.monotonic()
         log.info("rank %d agent started (pid %d)", rank, proc.pid)
 
     def _monitor(self) -> None:
@@ -149,9 +158,14 @@ class Supervisor:
                     continue
                 if rank not in self._restart_at:
                     code = proc.returncode if proc is not None else None
+                    delay = self._backoff[rank]
                     log.warning("rank %d agent exited with code %s; restarting in %gs",
-                                rank, code, self.settings.ranks.restart_backoff_s)  # fmt: skip
-                    self._restart_at[rank] = now + self.settings.ranks.restart_backoff_s
+                                rank, code, delay)  # fmt: skip
+                    self._restart_at[rank] = now + delay
+                    lived = now - self._started_at.get(rank, now)
+                    base = self.settings.ranks.restart_backoff_s
+                    quick = min(max(2 * delay, _POLL_S), _MAX_BACKOFF_S)
+                    self._backoff[rank] = quick if lived < _STABLE_S else base
                 elif now >= self._restart_at[rank]:
                     del self._restart_at[rank]
                     self.restarts[rank] += 1

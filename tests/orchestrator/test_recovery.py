@@ -3,7 +3,9 @@ Also readiness, and `refitd serve` keeping its local rank agents alive."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 
 import httpx
@@ -11,6 +13,9 @@ import pytest
 
 from orchestrator.daemon import Refitd
 from orchestrator.recovery import RESTART_REASON
+from orchestrator.redis_server import free_port
+from orchestrator.settings import load_settings
+from orchestrator.supervisor import Supervisor
 from orchestrator.versions import VersionStatus
 from tests.conftest import wait_until
 from tests.orchestrator._cluster import Cluster, Driver, make_cluster, wait_txn  # noqa: F401
@@ -198,3 +203,26 @@ def test_serve_keeps_one_agent_per_rank_and_they_stop_and_die_with_it(
                        timeout_s=30)  # fmt: skip
     daemon.kill()
     wait_until(lambda: not any(_alive(p) for p in third.values()), timeout_s=10)
+
+
+def test_a_crash_looping_agent_is_restarted_ever_more_slowly(
+    tmp_path, clean_env, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "refitd.yaml"
+    config.write_text(
+        f"dev_mode: true\ndata_dir: {tmp_path / 'data'}\n"
+        f"redis: {{url: 'redis://127.0.0.1:{free_port()}/0', start_timeout_s: 0.2}}\n"
+        "ranks: {tp_size: 1, launch: external, restart_backoff_s: 0.1}\n"
+    )
+    settings = load_settings(config)
+    supervisor = Supervisor(settings, redis_url=settings.redis.url, log_dir=tmp_path / "logs")
+    caplog.set_level(logging.WARNING, logger="refitd.supervisor")
+    supervisor.start()
+    try:
+        wait_until(lambda: supervisor.restarts[0] >= 3, timeout_s=30)
+    finally:
+        supervisor.stop()
+    delays = [float(d) for d in re.findall(r"restarting in ([\d.]+)s", caplog.text)]
+    assert delays[:3] == [0.1, 0.2, 0.4]
+    assert "does not answer" in (tmp_path / "logs" / "rank0.log").read_text()
+    assert supervisor.pids() == {0: None}
