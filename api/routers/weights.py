@@ -193,8 +193,22 @@ async def get_active(core: Core, _: Reader) -> Any:
     return await run_in_threadpool(core.coordinator.active)
 
 
-@router.post("/rollback", response_model=RollbackResult, responses=_ERRORS)
-async def post_rollback(core: Core, _: Admin, body: RollbackRequest | None = None) -> Any:
+# The body is read in the handler, after auth: a body parameter would be parsed before the
+# token is checked, so a caller without a token would get 422 for malformed JSON instead of 401.
+_ROLLBACK_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": RollbackRequest.model_json_schema()}},
+    }
+}
+
+
+@router.post(
+    "/rollback", response_model=RollbackResult, responses=_ERRORS, openapi_extra=_ROLLBACK_BODY
+)
+async def post_rollback(request: Request, core: Core, _: Admin) -> Any:
     """Roll every rank back, all or none: to `to_version`, or to the previously committed one."""
+    raw = (await request.body()).strip()
+    body = RollbackRequest.model_validate_json(raw) if raw not in (b"", b"null") else None
     to_version = body.to_version if body else None
     return await run_in_threadpool(core.rollback, to_version)
