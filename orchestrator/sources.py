@@ -49,11 +49,14 @@ def resolve_path_source(raw: str, allowed_roots: Iterable[Path]) -> WeightFiles:
             f"source.path {raw!r} resolves to {resolved}, outside every allowed root "
             f"({', '.join(map(str, roots))})"
         )
-    if not resolved.exists():
-        raise SourceNotAllowed(f"source.path {raw!r} does not exist")
-    if resolved.is_file():
-        return WeightFiles((_check_file(resolved),))
-    return _directory_files(resolved, roots)
+    try:
+        if not resolved.exists():
+            raise SourceNotAllowed(f"source.path {raw!r} does not exist")
+        if resolved.is_file():
+            return WeightFiles((_check_file(resolved),))
+        return _directory_files(resolved, roots)
+    except OSError as exc:  # a name too long, a directory refitd may not list: the caller's input
+        raise SourceNotAllowed(f"source.path {raw!r} cannot be read: {exc.strerror}") from None
 
 
 def _check_file(path: Path) -> Path:
