@@ -36,11 +36,29 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422)
 }
 
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON schema with its `$defs` written in place: in an OpenAPI document a
+    '#/$defs/...' reference resolves against the document's root, where there are none."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(defs[node["$ref"].removeprefix("#/$defs/")])
+            return {key: walk(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value) for value in node]
+        return node
+
+    return walk(schema)  # type: ignore[no-any-return]
+
+
 _UPDATE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": UpdateRequest.model_json_schema()},
+            "application/json": {"schema": _inlined(UpdateRequest.model_json_schema())},
             "application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"},
                 "description": "The bytes of one .safetensors file; label and verify go in "
