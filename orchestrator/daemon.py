@@ -84,7 +84,9 @@ class Refitd:
         self._coordinator = Coordinator(
             self._redis, self.keys, self.settings, self._versions, self.artifacts
         )
-        queue = UpdateQueue(self._redis, self.keys, queue_depth=self.settings.limits.queue_depth)
+        queue = UpdateQueue(
+            self._redis, self.keys, self._versions, queue_depth=self.settings.limits.queue_depth
+        )
         self._pipeline = UpdatePipeline(
             settings=self.settings,
             queue=queue,

@@ -19,7 +19,7 @@ import redis
 
 from orchestrator.errors import Conflict, IdempotencyMismatch, NotFound
 from orchestrator.keys import Keys
-from orchestrator.versions import EVENTS_MAXLEN, VersionStatus
+from orchestrator.versions import VersionStore
 
 # An Idempotency-Key is remembered this long (a trainer retrying after a network error retries
 # within minutes; a day leaves room for a stalled job).
@@ -114,9 +114,12 @@ class UpdateRecord:
 class UpdateQueue:
     """Creates updates (with their version) and hands them to the pipeline one at a time."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, queue_depth: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, versions: VersionStore, *, queue_depth: int
+    ) -> None:
         self._r = client
         self._keys = keys
+        self._versions = versions
         self._depth = queue_depth
         # One daemon serves one deployment (the data-dir lock makes sure); this lock makes
         # "check the key, allocate the version, enqueue" one step, so versions stay gapless.
@@ -146,21 +149,10 @@ class UpdateQueue:
                     f"(limits.queue_depth={self._depth}); retry once one has finished"
                 )
             update_id = update_id or uuid.uuid4().hex
-            version = int(self._r.incr(self._keys.version_counter))
-            now = repr(time.time())
+            version = self._versions.allocate()
+            now = time.time()
             pipe = self._r.pipeline(transaction=True)
-            pipe.hset(
-                self._keys.version(version),
-                mapping={
-                    "status": VersionStatus.RECEIVED.value,
-                    "label": label or "",
-                    "update_id": update_id,
-                    "created_at": now,
-                    "updated_at": now,
-                    "t_received": now,
-                },
-            )
-            pipe.zadd(self._keys.version_index, {str(version): version})
+            self._versions.add_received(pipe, version, label=label, update_id=update_id, now=now)
             pipe.hset(
                 self._keys.update(update_id),
                 mapping={
@@ -172,10 +164,10 @@ class UpdateQueue:
                     "label": label or "",
                     "verify": "1" if verify else "0",
                     "source": json.dumps(source),
-                    "created_at": now,
+                    "created_at": repr(now),
                 },
             )
-            pipe.zadd(self._keys.update_index, {update_id: float(now)})
+            pipe.zadd(self._keys.update_index, {update_id: now})
             if idempotency_key is not None:
                 pipe.hset(
                     self._keys.idempotency(idempotency_key),
@@ -183,13 +175,6 @@ class UpdateQueue:
                 )
                 pipe.expire(self._keys.idempotency(idempotency_key), IDEMPOTENCY_TTL_S)
             pipe.rpush(self._keys.update_queue, update_id)
-            pipe.xadd(
-                self._keys.events,
-                {"kind": "version", "version": version, "from": "", "to": "RECEIVED",
-                 "reason": f"update {update_id}"},
-                maxlen=EVENTS_MAXLEN,
-                approximate=True,
-            )  # fmt: skip
             pipe.execute()
             return self.get(update_id), True
 

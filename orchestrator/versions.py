@@ -139,11 +139,21 @@ class VersionStore:
         self._keys = keys
         self._scripts = ScriptRegistry(client)
 
-    def create(self, *, label: str | None, update_id: str | None = None) -> int:
-        """Allocate the next version number and record it as RECEIVED."""
-        version = int(self._r.incr(self._keys.version_counter))
-        now = time.time()
-        pipe = self._r.pipeline(transaction=True)
+    def allocate(self) -> int:
+        """The next version number (strictly increasing, never reused)."""
+        return int(self._r.incr(self._keys.version_counter))
+
+    def add_received(
+        self,
+        pipe: redis.client.Pipeline,
+        version: int,
+        *,
+        label: str | None,
+        update_id: str | None,
+        now: float,
+    ) -> None:
+        """Queue on `pipe` the writes that record `version` as RECEIVED (with its audit event),
+        so a caller can make them one transaction with its own writes."""
         pipe.hset(
             self._keys.version(version),
             mapping={
@@ -158,10 +168,17 @@ class VersionStore:
         pipe.zadd(self._keys.version_index, {str(version): version})
         pipe.xadd(
             self._keys.events,
-            {"kind": "version", "version": version, "from": "", "to": "RECEIVED", "reason": ""},
+            {"kind": "version", "version": version, "from": "", "to": "RECEIVED",
+             "reason": f"update {update_id}" if update_id else ""},
             maxlen=EVENTS_MAXLEN,
             approximate=True,
-        )
+        )  # fmt: skip
+
+    def create(self, *, label: str | None, update_id: str | None = None) -> int:
+        """Allocate the next version number and record it as RECEIVED."""
+        version = self.allocate()
+        pipe = self._r.pipeline(transaction=True)
+        self.add_received(pipe, version, label=label, update_id=update_id, now=time.time())
         pipe.execute()
         return version
 

@@ -15,7 +15,8 @@ SRC = {"type": "path", "path": "/x"}
 
 @pytest.fixture
 def queue(redis_url: str) -> UpdateQueue:
-    return UpdateQueue(connect(redis_url), Keys("q"), queue_depth=50)
+    client = connect(redis_url)
+    return UpdateQueue(client, Keys("q"), VersionStore(client, Keys("q")), queue_depth=50)
 
 
 def _submit(queue: UpdateQueue, key: str | None = None, digest: str = "d1"):
@@ -59,7 +60,8 @@ def test_concurrent_submissions_get_gapless_unique_versions(queue: UpdateQueue) 
 
 
 def test_queue_depth_refuses_with_409_and_no_version(redis_url: str) -> None:
-    queue = UpdateQueue(connect(redis_url), Keys("d"), queue_depth=2)
+    client = connect(redis_url)
+    queue = UpdateQueue(client, Keys("d"), VersionStore(client, Keys("d")), queue_depth=2)
     for i in range(3):  # one to run now and two waiting
         _submit(queue, digest=f"d{i}")
     with pytest.raises(Conflict, match="queue_depth=2"):
