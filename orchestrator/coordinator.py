@@ -1,18 +1,18 @@
 """The coordinator: switches every TP rank to one version, or none, by two-phase commit on Redis.
 
 A rollout (or rollback) runs under the update lock, whose fence every mutating script checks:
-1. BEGIN records the transaction and the epoch it starts at; the version goes to PREPARED.
-   In the same script, PREPARE goes to the ranks' command stream; each rank fetches its shard,
+1. BEGIN records the transaction and the epoch it starts at, moves the version to PREPARED, and
+   sends PREPARE to the ranks' command stream, in one script. Each rank fetches its shard,
    checks the file digest, stages it, and acks PREPARED with the tensor digest of what it staged
    (txn.ACK).
 2. DECIDE records COMMIT (all ranks prepared with the expected digests) or ABORT (a rank failed,
    died, restarted, or missed rollout.prepare_deadline_s) together with the new active version,
-   the epoch, and every version status that follows from it, in one script.
-3. COMMIT goes to every rank, and the coordinator waits for commit acks up to
-   rollout.commit_deadline_s. The last rank's ack closes the transaction. A rank that has not
-   acked by then keeps the transaction open: it acks when it next starts (it loads the active
-   version), and no new transaction begins until it has (settle_open). After ABORT, one script
-   (CLOSE_ABORTED) sends ABORT to every rank and closes the transaction.
+   the epoch, every version status that follows from it, and the COMMIT or ABORT command to the
+   ranks, in one script: a coordinator that dies after deciding leaves nothing unsent.
+3. After COMMIT the coordinator waits for commit acks up to rollout.commit_deadline_s. The last
+   rank's ack closes the transaction. A rank that has not acked by then keeps it open: it acks
+   when it next starts (it loads the active version), and no new transaction begins until it has
+   (settle_open re-sends COMMIT and waits).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from orchestrator.lua import ScriptRegistry
 from orchestrator.settings import Settings
 from orchestrator.txn import (
     BEGIN,
-    CLOSE_ABORTED,
     DECIDE,
     RankPhase,
     TxnKind,
@@ -106,10 +105,6 @@ class Coordinator:
         self._artifacts = artifacts
         self._scripts = ScriptRegistry(client)
         self.tp_size = settings.ranks.tp_size
-        # Test hook, 0 in the product: seconds to sleep once a COMMIT decision is recorded and
-        # before any rank is told, so that a test can kill this process (or Redis) right there.
-        # Set only by tests/orchestrator/_driver.py.
-        self.pause_after_decision_s = 0.0
 
     # Public API ----------------------------------------------------------------------------
     def rollout(self, version: int, *, fence: int) -> dict[str, Any]:
@@ -289,8 +284,6 @@ class Coordinator:
             for record in self.open_txns():
                 if record.state == TxnState.PREPARING:
                     self._abort(record.id, record.version, record.kind, fence=fence, reason=reason)
-                elif record.state == TxnState.ABORTING:
-                    self._close_aborted(record.id)
                 elif record.state == TxnState.COMMITTING:
                     pending = {
                         r["rank"] for r in record.ranks if r["state"] != RankPhase.COMMITTED.value
@@ -383,7 +376,7 @@ class Coordinator:
         # Each rank's incarnation as the PREPARE goes out: one that restarts after this may have
         # missed it, and waiting for its ack would only run out the deadline.
         instances: dict[int, str] = {}
-        self._rank_trouble(set(range(self.tp_size)), instances)
+        trouble, _ = self._rank_trouble(set(range(self.tp_size)), instances)
         begin_epoch, from_version = self._scripts[BEGIN](
             [
                 self._keys.update_lock, self._keys.epoch, self._keys.active,
@@ -396,14 +389,18 @@ class Coordinator:
             ],
         )  # fmt: skip
         log.info("%s version %d: transaction %s, epoch %s", what, version, txn_id, begin_epoch)
-        acks = self._await(
-            txn_id,
-            RankPhase.PREPARED,
-            set(range(self.tp_size)),
-            self._settings.rollout.prepare_deadline_s,
-            expected=expected,
-            instances=instances,
-        )
+        if trouble:
+            # Begun all the same, so that the attempt and its abort are on record.
+            acks = _Acks(last_id="0-0", pending=set(trouble), failure=_why(trouble))
+        else:
+            acks = self._await(
+                txn_id,
+                RankPhase.PREPARED,
+                set(range(self.tp_size)),
+                self._settings.rollout.prepare_deadline_s,
+                expected=expected,
+                instances=instances,
+            )
         t_prepared = time.perf_counter()
         if acks.failure is not None:
             self._abort(txn_id, version, kind, fence=fence, reason=acks.failure)
@@ -416,9 +413,6 @@ class Coordinator:
             previous_to=(_S.SUPERSEDED if kind == TxnKind.ROLLOUT else _S.ROLLED_BACK).value,
         )  # fmt: skip
         log.info("transaction %s: COMMIT at epoch %s", txn_id, epoch)
-        if self.pause_after_decision_s:
-            time.sleep(self.pause_after_decision_s)
-        self._broadcast(txn_id, "COMMIT", version, int(epoch))
         done = self._await(
             txn_id,
             RankPhase.COMMITTED,
@@ -463,7 +457,6 @@ class Coordinator:
         )
         log.warning("transaction %s (version %d): ABORT at epoch %s: %s",
                     txn_id, version, epoch, reason)  # fmt: skip
-        self._close_aborted(txn_id)
 
     def _decide(
         self,
@@ -483,22 +476,15 @@ class Coordinator:
             [
                 self._keys.update_lock, self._keys.epoch, self._keys.active,
                 self._keys.txn(txn_id), self._keys.version(version), previous_key,
-                self._keys.active_history, self._keys.events,
+                self._keys.active_history, self._keys.events, self._keys.rank_commands,
+                self._keys.open_txns, self._keys.txn_acks(txn_id),
             ],
             [fence, decision, repr(time.time()), reason, status, _csv(may_be), previous_to,
-             EVENTS_MAXLEN],
-        )  # fmt: skip
-
-    def _close_aborted(self, txn_id: str) -> None:
-        """Send ABORT to every rank and close the transaction, in one step."""
-        self._scripts[CLOSE_ABORTED](
-            [self._keys.txn(txn_id), self._keys.open_txns, self._keys.txn_acks(txn_id),
-             self._keys.events, self._keys.rank_commands],
-            [txn_id, repr(time.time()), EVENTS_MAXLEN, COMMANDS_MAXLEN],
+             EVENTS_MAXLEN, COMMANDS_MAXLEN],
         )  # fmt: skip
 
     def _broadcast(self, txn_id: str, command: str, version: int, epoch: int) -> None:
-        """Append one command for every rank to the ranks' command stream."""
+        """Append a command for every rank to the ranks' command stream (a re-sent COMMIT)."""
         fields = {"type": command, "txn": txn_id, "version": version, "epoch": epoch}
         self._r.xadd(self._keys.rank_commands, fields, maxlen=COMMANDS_MAXLEN, approximate=True)
 
@@ -525,14 +511,16 @@ class Coordinator:
         acks = _Acks(last_id=start, pending=set(ranks))
         end = time.monotonic() + deadline_s
         instances = {} if instances is None else instances
-        next_check = 0.0
+        # The first look comes after one interval: the caller has just looked (before BEGIN), or
+        # (commit phase) nothing hurries.
+        next_check = time.monotonic() + LIVENESS_CHECK_S
         while acks.pending:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + LIVENESS_CHECK_S
                 trouble, dead = self._rank_trouble(acks.pending, instances)
                 if trouble and expected is not None:
-                    acks.failure = "; ".join(trouble[r] for r in sorted(trouble))
+                    acks.failure = _why(trouble)
                     return acks
                 if stop_when_dead and dead == acks.pending:
                     return acks
@@ -598,6 +586,10 @@ class Coordinator:
 
 def _opt_int(value: Any) -> int | None:
     return int(value) if value not in (None, "") else None
+
+
+def _why(trouble: dict[int, str]) -> str:
+    return "; ".join(trouble[r] for r in sorted(trouble))
 
 
 def _ranks(ranks: set[int]) -> str:

@@ -2,8 +2,11 @@
 
 A transaction switches every rank to one version (a rollout, or a rollback) in two phases:
 
-    PREPARING --(decide COMMIT: all ranks PREPARED)--> COMMITTING --(last rank acks)--> COMMITTED
-        \\--(decide ABORT: a rank failed or missed the deadline)--> ABORTING --(close)--> ABORTED
+    PREPARING --(DECIDE COMMIT: all ranks PREPARED)--> COMMITTING --(last rank acks)--> COMMITTED
+        \\--(DECIDE ABORT: a rank failed, died, or missed the deadline)--> ABORTED
+
+Every command to the ranks is written by the script that makes it true: BEGIN appends PREPARE,
+DECIDE appends COMMIT or ABORT. So no crash can leave a decision that the ranks were never sent.
 
 The epoch (`keys.epoch`) is the fencing token of decisions: every decision INCRs it, and a rank's
 acks must carry the epoch their command carried, which must still be current (PREPARE) or equal to
@@ -29,7 +32,6 @@ class TxnState(StrEnum):
     PREPARING = "PREPARING"
     COMMITTING = "COMMITTING"
     COMMITTED = "COMMITTED"
-    ABORTING = "ABORTING"
     ABORTED = "ABORTED"
 
 
@@ -286,7 +288,7 @@ return {'OK', state}
 
 DECIDE = LuaScript(
     name="txn_decide",
-    num_keys=8,
+    num_keys=11,
     errors={
         "FENCED": FencedOut,
         "STALE": StaleTransition,
@@ -296,18 +298,23 @@ DECIDE = LuaScript(
     source=FENCE_CHECK_LUA
     + _STATUS_LUA
     + """
--- Record a transaction's decision together with everything it implies, in one step.
+-- Record a transaction's decision, everything it implies, and the command that tells the ranks,
+-- in one step.
 -- COMMIT needs every rank to have acked PREPARED with its shard's expected digest, and the active
 -- version to be the one the transaction started from. Then: the epoch rises; the version becomes
 -- the active one (status COMMITTED); the one active before becomes SUPERSEDED (rollout) or
--- ROLLED_BACK (rollback); the version is appended to the active history.
--- ABORT: the epoch rises and the version takes its abort status (rollout: ABORTED; rollback: none).
+-- ROLLED_BACK (rollback); the version is appended to the active history; COMMIT is sent. The
+-- transaction stays open (COMMITTING) until the last rank acks.
+-- ABORT: the epoch rises, the version takes its abort status (rollout: ABORTED; rollback: none),
+-- ABORT is sent, and the transaction is closed (ABORTED).
 -- KEYS[1] lock  KEYS[2] epoch  KEYS[3] active  KEYS[4] txn hash  KEYS[5] the version's hash
 -- KEYS[6] hash of the version active when the txn began (KEYS[5] again when none was)
--- KEYS[7] active history list  KEYS[8] events stream
+-- KEYS[7] active history list  KEYS[8] events stream  KEYS[9] ranks' command stream
+-- KEYS[10] open txns set  KEYS[11] txn acks stream (expires a day after an abort)
 -- ARGV[1] fence  ARGV[2] decision (COMMIT | ABORT)  ARGV[3] now  ARGV[4] reason
 -- ARGV[5] the version's new status ('' = leave it)  ARGV[6] statuses it may come from (csv)
--- ARGV[7] new status of the previously active version on COMMIT  ARGV[8] stream MAXLEN
+-- ARGV[7] new status of the previously active version on COMMIT  ARGV[8] events MAXLEN
+-- ARGV[9] command stream MAXLEN (both approximate)
 -- Returns {"OK", epoch} | {"FENCED"|"STALE"|"NOT_PREPARED"|"NOT_FOUND", msg}
 local ok, msg = fence_ok(KEYS[1], ARGV[1])
 if not ok then return {'FENCED', msg} end
@@ -347,7 +354,7 @@ if ARGV[5] ~= '' then
   end
 end
 local epoch = redis.call('INCR', KEYS[2])
-local to = 'ABORTING'
+local to = 'ABORTED'
 if commit then to = 'COMMITTING' end
 redis.call('HSET', KEYS[4], 'state', to, 'decision', ARGV[2], 'epoch', epoch,
   'decided_at', ARGV[3], 'reason', ARGV[4])
@@ -357,41 +364,18 @@ if commit then
   if from ~= '' then
     set_status(KEYS[6], KEYS[8], from, 'COMMITTED', ARGV[7], ARGV[3], '', ARGV[8])
   end
+else
+  redis.call('HSET', KEYS[4], 'closed_at', ARGV[3])
+  redis.call('SREM', KEYS[10], id)
+  redis.call('EXPIRE', KEYS[11], 86400)
 end
 if ARGV[5] ~= '' then
   set_status(KEYS[5], KEYS[8], version, current, ARGV[5], ARGV[3], ARGV[4], ARGV[8])
 end
 redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[8], '*', 'kind', 'txn', 'txn', id,
   'version', version, 'from', 'PREPARING', 'to', to, 'epoch', epoch, 'reason', ARGV[4])
-return {'OK', tostring(epoch)}
-""",
-)
-
-CLOSE_ABORTED = LuaScript(
-    name="txn_close_aborted",
-    num_keys=5,
-    errors={"NOT_FOUND": NotFound, "STALE": StaleTransition},
-    source="""
--- Tell every rank to drop what it staged for an aborted transaction, and close it, in one step.
--- Sending ABORT again for a closed transaction is harmless (ranks drop only that txn's shard).
--- KEYS[1] txn hash  KEYS[2] open txns set  KEYS[3] txn acks stream  KEYS[4] events stream
--- KEYS[5] ranks' command stream
--- ARGV[1] txn id  ARGV[2] now  ARGV[3] events MAXLEN  ARGV[4] command stream MAXLEN
--- Returns {"OK"} | {"NOT_FOUND"|"STALE", msg}
-local t = redis.call('HMGET', KEYS[1], 'state', 'version', 'epoch')
-local state, version, epoch = t[1], t[2], t[3]
-if not state then return {'NOT_FOUND', 'transaction ' .. ARGV[1] .. ' does not exist'} end
-if state ~= 'ABORTING' and state ~= 'ABORTED' then
-  return {'STALE', 'transaction ' .. ARGV[1] .. ' is ' .. state .. ', not ABORTING'}
-end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'type', 'ABORT', 'txn', ARGV[1],
+redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[9], '*', 'type', ARGV[2], 'txn', id,
   'version', version, 'epoch', epoch)
-redis.call('SREM', KEYS[2], ARGV[1])
-if state == 'ABORTED' then return {'OK'} end
-redis.call('HSET', KEYS[1], 'state', 'ABORTED', 'closed_at', ARGV[2])
-redis.call('EXPIRE', KEYS[3], 86400)
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'kind', 'txn', 'txn', ARGV[1],
-  'version', version, 'from', 'ABORTING', 'to', 'ABORTED', 'epoch', epoch, 'reason', '')
-return {'OK'}
+return {'OK', tostring(epoch)}
 """,
 )

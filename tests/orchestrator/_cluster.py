@@ -211,11 +211,9 @@ class Driver:
     """A daemon stand-in process: Refitd.start() (recovery included), then rollouts and
     rollbacks read one per line from stdin, each answered by one JSON line on stdout."""
 
-    def __init__(self, cluster: Cluster, *, pause_after_decision_s: float = 0.0) -> None:
-        cmd = [
-            sys.executable, "-m", "tests.orchestrator._driver", "--config",
-            str(cluster.config_path), "--pause-after-decision", str(pause_after_decision_s),
-        ]  # fmt: skip
+    def __init__(self, cluster: Cluster) -> None:
+        cmd = [sys.executable, "-m", "tests.orchestrator._driver", "--config",
+               str(cluster.config_path)]  # fmt: skip
         self._log = open(cluster.root / "driver.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd,
@@ -310,3 +308,31 @@ def make_cluster(
     yield _make
     for cluster in made:
         cluster.close()
+
+
+def decide_with_ranks_stopped(cluster: Cluster, driver: Driver, version: int) -> dict[str, str]:
+    """Roll `version` out through `driver` so that its COMMIT is decided (and sent) while every
+    rank is SIGSTOPped: when this returns, the decision is recorded and no rank has committed.
+    The ranks stay stopped; resume them with `resume_ranks`. Returns the transaction hash.
+
+    Rank 0 is stopped first, so the prepare phase waits for it. Once the others have prepared,
+    the driver is stopped, rank 0 resumed until it has prepared too, every rank stopped, and the
+    driver resumed: it decides COMMIT at once. Keep ranks.heartbeat_timeout_s and
+    rollout.prepare_deadline_s well above the second or so this takes on a busy machine.
+    """
+    cluster.signal_rank(0, signal.SIGSTOP)
+    driver.send(f"rollout {version}")
+    others = range(1, cluster.tp_size)
+    wait_txn(cluster, version, lambda t: all(t[f"r{r}"] == "PREPARED" for r in others))
+    driver.proc.send_signal(signal.SIGSTOP)
+    cluster.signal_rank(0, signal.SIGCONT)
+    wait_txn(cluster, version, lambda t: t["r0"] == "PREPARED")
+    for r in range(cluster.tp_size):
+        cluster.signal_rank(r, signal.SIGSTOP)
+    driver.proc.send_signal(signal.SIGCONT)
+    return wait_txn(cluster, version, lambda t: t.get("decision") == "COMMIT")
+
+
+def resume_ranks(cluster: Cluster) -> None:
+    for r in range(cluster.tp_size):
+        cluster.signal_rank(r, signal.SIGCONT)

@@ -4,8 +4,7 @@ Starts a real Refitd core (Redis connection, recovery; ranks.launch must be exte
 runs the agents), prints {"started": true, "recovery": ...}, then for each stdin line
 `rollout V` | `rollback` | `rollback V` takes the update lock, runs it, and prints one JSON line:
 {"ok": true, "result": ...} or {"ok": false, "error": class name, "message": ...}.
-A test SIGKILLs it to crash "the daemon" at a chosen point; --pause-after-decision S (or the line
-`pause S`) sets the coordinator's test hook so that point can be "COMMIT recorded, no rank told".
+A test SIGKILLs it to crash "the daemon" at a chosen point (or SIGSTOPs it to hold it there).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from orchestrator.settings import load_settings
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--pause-after-decision", type=float, default=0.0)
     args = parser.parse_args()
     logging.basicConfig(level="INFO", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
@@ -32,17 +30,12 @@ def main() -> None:
     assert settings.ranks.launch == "external"
     core = Refitd(settings)
     core.start()
-    core.coordinator.pause_after_decision_s = args.pause_after_decision
     assert core.recovery is not None
     print(json.dumps({"started": True, "recovery": core.recovery.to_dict()}), flush=True)
     try:
         for line in sys.stdin:
             words = line.split()
             if not words:
-                continue
-            if words[0] == "pause":
-                core.coordinator.pause_after_decision_s = float(words[1])
-                print(json.dumps({"ok": True}), flush=True)
                 continue
             try:
                 with core.update_lock(timeout_s=30) as lock:

@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.errors import Conflict, FencedOut, NotFound, RolloutAborted, StaleTransition
 from orchestrator.lua import ScriptRegistry
-from orchestrator.txn import ACK, BEGIN, CLOSE_ABORTED, DECIDE, NotPrepared
+from orchestrator.txn import ACK, BEGIN, DECIDE, NotPrepared
 from orchestrator.versions import EVENTS_MAXLEN, VersionStatus
 from tests.orchestrator._cluster import Cluster, make_cluster  # noqa: F401
 
@@ -50,18 +50,12 @@ class Scripts:
         commit = decision == "COMMIT"
         return self.run[DECIDE](
             [k.update_lock, k.epoch, k.active, k.txn(txn), k.version(version),
-             k.version(prev if prev else version), k.active_history, k.events],
+             k.version(prev if prev else version), k.active_history, k.events,
+             k.rank_commands, k.open_txns, k.txn_acks(txn)],
             [fence, decision, repr(time.time()), "" if commit else "test abort",
              "COMMITTED" if commit else "ABORTED", "PREPARED",
-             "SUPERSEDED", EVENTS_MAXLEN],
+             "SUPERSEDED", EVENTS_MAXLEN, 100],
         )  # fmt: skip
-
-    def close(self, txn: str) -> list:
-        k = self.k
-        return self.run[CLOSE_ABORTED](
-            [k.txn(txn), k.open_txns, k.txn_acks(txn), k.events, k.rank_commands],
-            [txn, repr(time.time()), EVENTS_MAXLEN, 100],
-        )
 
     def commands(self) -> list[dict[str, str]]:
         return [f for _, f in self.c.client.xrange(self.k.rank_commands)]
@@ -151,6 +145,10 @@ def test_decide_commit_records_decision_active_version_and_statuses_at_once(scri
     assert c.status(v2) == S.COMMITTED and c.status(v1) == S.SUPERSEDED
     assert c.client.lrange(c.keys.active_history, 0, -1) == [str(v1), str(v2)]
     assert c.client.hget(c.keys.txn("t2"), "state") == "COMMITTING"
+    assert c.client.smembers(c.keys.open_txns) == {"t2"}  # until the ranks ack
+    # The decision and the COMMIT to the ranks are written together.
+    assert scripts.commands()[-1] == {"type": "COMMIT", "txn": "t2", "version": str(v2),
+                                      "epoch": "2"}  # fmt: skip
     # A second decision on a decided transaction is refused.
     with c.lock() as lock, pytest.raises(StaleTransition, match="already COMMITTING"):
         scripts.decide("t2", v2, v1, "ABORT", lock.fence)
@@ -197,26 +195,22 @@ def test_the_last_commit_ack_closes_the_transaction_and_repeats_are_harmless(scr
     assert txn_events == ["PREPARING", "COMMITTING", "COMMITTED"]
 
 
-def test_an_abort_closes_only_through_close_aborted(scripts: Scripts) -> None:
+def test_an_abort_closes_the_transaction_and_tells_every_rank_at_once(scripts) -> None:
     c = scripts.c
     v = c.make_version()
     with c.lock() as lock:
         scripts.begin("t1", v, lock.fence, _digests(c, v))
-        with pytest.raises(StaleTransition, match="not ABORTING"):
-            scripts.close("t1")
-        scripts.decide("t1", v, None, "ABORT", lock.fence)
+        scripts.ack("t1", 0, "PREPARED", 0, c.tensor_digest(v, 0))
+        assert scripts.decide("t1", v, None, "ABORT", lock.fence) == ["1"]
     assert c.status(v) == S.ABORTED
     assert c.versions.get(v).reason == "test abort"
-    assert c.client.smembers(c.keys.open_txns) == {"t1"}
-    assert scripts.close("t1") == []
     assert c.client.hget(c.keys.txn("t1"), "state") == "ABORTED"
     assert c.client.smembers(c.keys.open_txns) == set()
-    assert [(m["type"], m["txn"], m["epoch"]) for m in scripts.commands()[1:]] == [
-        ("ABORT", "t1", "1")]  # fmt: skip
-    assert scripts.close("t1") == []  # again: ABORT re-sent, nothing else changes
-    assert [m["type"] for m in scripts.commands()] == ["PREPARE", "ABORT", "ABORT"]
-    assert [e["to"] for e in c.events(kind="txn", txn="t1")] == ["PREPARING", "ABORTING",
-                                                                  "ABORTED"]  # fmt: skip
+    assert 0 < c.client.ttl(c.keys.txn_acks("t1")) <= 86400
+    assert [(m["type"], m["txn"], m["epoch"]) for m in scripts.commands()] == [
+        ("PREPARE", "t1", "0"), ("ABORT", "t1", "1")]  # fmt: skip
+    assert [e["to"] for e in c.events(kind="txn", txn="t1")] == ["PREPARING", "ABORTED"]
+    assert c.client.hget(c.keys.active, "version") is None  # nothing became active
 
 
 # --- Whole rollouts across real rank agents -------------------------------------------------

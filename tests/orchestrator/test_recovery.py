@@ -18,7 +18,13 @@ from orchestrator.settings import load_settings
 from orchestrator.supervisor import Supervisor
 from orchestrator.versions import VersionStatus
 from tests.conftest import wait_until
-from tests.orchestrator._cluster import Cluster, Driver, make_cluster, wait_txn  # noqa: F401
+from tests.orchestrator._cluster import (  # noqa: F401
+    Driver,
+    decide_with_ranks_stopped,
+    make_cluster,
+    resume_ranks,
+    wait_txn,
+)
 
 S = VersionStatus
 
@@ -30,26 +36,27 @@ def _prepared(*ranks: int):
 def test_daemon_killed_after_the_decision_every_rank_ends_on_the_new_version(
     make_cluster,  # noqa: F811
 ) -> None:
-    c = make_cluster(4)
+    c = make_cluster(4, ranks={"heartbeat_timeout_s": 4.0}, rollout={"prepare_deadline_s": 8})
     v1 = c.make_version()
     c.rollout(v1)
-    driver = Driver(c, pause_after_decision_s=60)  # before v2: its recovery would abort v2
+    driver = Driver(c)  # before v2: its recovery would abort a VERIFIED v2
     v2 = c.make_version()
-    driver.send(f"rollout {v2}")
-    txn = wait_txn(c, v2, lambda t: t.get("decision") == "COMMIT")
-    # The decision is recorded and no rank has been told: each still serves v1, v2 staged.
-    state = c.coordinator.active()
-    assert state["active_version"] == v2
-    assert [(r["version"], r["staged_version"]) for r in state["ranks"]] == [(v1, v2)] * 4
-    driver.kill()
-
-    restarted = Driver(c)
+    try:
+        txn = decide_with_ranks_stopped(c, driver, v2)
+        # The decision is recorded and no rank has applied it: each serves v1, v2 staged.
+        state = c.coordinator.active()
+        assert state["active_version"] == v2
+        assert [(r["version"], r["staged_version"]) for r in state["ranks"]] == [(v1, v2)] * 4
+        driver.kill()
+        restarted = Driver(c)
+    finally:
+        resume_ranks(c)
     assert restarted.started["recovery"]["transactions"] == [
         {"txn": txn["id"], "version": v2, "state": "COMMITTING"}]  # fmt: skip
     state = c.wait_ready(v2)
     assert state["active_version"] == v2 and state["epoch"] == int(txn["epoch"])
+    wait_until(lambda: c.coordinator.open_txns() == [])
     assert c.coordinator.txn(txn["id"]).state.value == "COMMITTED"
-    assert c.coordinator.open_txns() == []
     assert (c.status(v1), c.status(v2)) == (S.SUPERSEDED, S.COMMITTED)
     assert c.coordinator.committed_history() == [v1, v2]
     restarted.stop()
