@@ -2,9 +2,9 @@
 
 1. Take the update lock by force: this daemon runs no pipeline yet, and the fence it gets makes
    any older holder (a daemon that was SIGKILLed, whose lock has not expired) unable to decide.
-2. Drive every open transaction to its recorded decision: COMMIT is re-sent to the ranks that
-   have not acked it (ranks that restart load the active version by themselves); ABORT is re-sent
-   and the transaction closed; no decision recorded: abort.
+2. Drive every open transaction to its recorded decision: a COMMIT still waiting for acks is
+   re-sent (its ranks got it with the decision; ranks that restart load the active version by
+   themselves); no decision recorded: abort (which tells the ranks and closes it).
 3. Versions caught mid-pipeline (RECEIVED, QUANTIZED, VERIFIED, PREPARED) become ABORTED with the
    reason "daemon restarted": no pipeline is running to finish them. Acknowledged updates that
    had not started yet (their version still RECEIVED, their id still queued) are spared: the
