@@ -192,7 +192,8 @@ class Refitd:
 
     def readiness(self) -> Readiness:
         """Ready only when Redis answers, a version is active, every rank heartbeats and holds
-        it, and no transaction has stayed open past its deadlines."""
+        it, no transaction has stayed open past its deadlines, and no update has run longer
+        than limits.request_timeout_s."""
         if not self.redis_alive():
             return Readiness(False, f"redis at {redact(self.redis_url)} does not answer")
         try:
@@ -222,4 +223,12 @@ class Refitd:
             if age > stuck_after:
                 return Readiness(False, f"transaction {txn.id} (version {txn.version}) has been "
                                  f"{txn.state.value} for {age:.0f}s")  # fmt: skip
+        # An update running past the longest a trainer's ?wait may take is stuck, though its
+        # transaction (if any) is not: loading or verifying has hung.
+        limit = self.settings.limits.request_timeout_s
+        stuck = self.pipeline.queue.stuck(limit, now=now)
+        if stuck is not None and stuck.started_at is not None:
+            return Readiness(False, f"update {stuck.update_id} (version {stuck.version}) has been "
+                             f"{stuck.stage.value} for {now - stuck.started_at:.0f}s, over "
+                             f"limits.request_timeout_s={limit:g}")  # fmt: skip
         return Readiness(True, f"version {active} is active on every rank")

@@ -33,9 +33,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    # If refitd is killed with SIGKILL, its redis-server gets SIGTERM and shuts down cleanly
-    # (with appendfsync always nothing acknowledged is lost), instead of lingering on the data dir.
+def die_with_parent() -> None:
+    """preexec_fn for a child refitd owns: the kernel sends it SIGTERM when refitd dies.
+
+    If refitd is killed with SIGKILL, its redis-server then shuts down cleanly (with appendfsync
+    always nothing acknowledged is lost) instead of lingering on the data dir; rank agents too."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -104,7 +106,7 @@ class EmbeddedRedis:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 start_new_session=True,  # Ctrl-C reaches refitd, which then stops Redis in order
             )
         except FileNotFoundError:

@@ -21,7 +21,7 @@ from typing import IO, Any
 import yaml
 from pydantic import SecretStr
 
-from orchestrator.redis_server import _die_with_parent
+from orchestrator.redis_server import die_with_parent
 from orchestrator.settings import REPO_ROOT, Settings
 
 log = logging.getLogger("refitd.supervisor")
@@ -129,7 +129,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT if out is not None else None,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 start_new_session=True,  # Ctrl-C reaches the daemon, which stops agents in order
             )
         except OSError as exc:

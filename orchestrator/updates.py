@@ -230,6 +230,16 @@ class UpdateQueue:
     def done(self, update_id: str) -> None:
         self._r.lrem(self._keys.update_running, 0, update_id)
 
+    def stuck(self, limit_s: float, *, now: float | None = None) -> UpdateRecord | None:
+        """The running update, if it started more than `limit_s` seconds ago and is not final."""
+        now = time.time() if now is None else now
+        for update_id in self.running():
+            record = self.get(update_id)
+            started = record.started_at
+            if not record.final and started is not None and now - started > limit_s:
+                return record
+        return None
+
     def queued(self) -> list[str]:
         return list(self._r.lrange(self._keys.update_queue, 0, -1))
 

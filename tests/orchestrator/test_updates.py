@@ -92,3 +92,20 @@ def test_take_done_and_requeue(queue: UpdateQueue) -> None:
 def test_unknown_update(queue: UpdateQueue) -> None:
     with pytest.raises(NotFound):
         queue.get("nope")
+
+
+def test_a_running_update_past_its_limit_is_stuck(queue: UpdateQueue) -> None:
+    a, _ = _submit(queue, digest="a")
+    assert queue.stuck(0.0) is None  # queued, not running
+    assert queue.take(0.1) == a.update_id
+    assert queue.stuck(0.0) is None  # taken, no stage begun yet
+    queue.set_stage(a.update_id, Stage.VERIFYING)
+    started = queue.get(a.update_id).started_at
+    assert started is not None
+    assert queue.stuck(60.0, now=started + 59) is None
+    stuck = queue.stuck(60.0, now=started + 61)
+    assert stuck is not None
+    assert stuck.update_id == a.update_id
+    assert stuck.stage is Stage.VERIFYING
+    queue.finish(a.update_id, ok=False, stage=Stage.REJECTED, error="x")
+    assert queue.stuck(60.0, now=started + 61) is None  # final: not stuck, only not yet removed
