@@ -69,7 +69,8 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (the directory entry itself is data)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -129,7 +130,7 @@ class ArtifactStore:
             # A crash mid-write left some files but no manifest: nothing refers to them.
             shutil.rmtree(vdir)
         vdir.mkdir(parents=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         tp_size = len(rank_shards)
         ranks = []
         for rank, shard in enumerate(rank_shards):
@@ -154,7 +155,7 @@ class ArtifactStore:
                     "bytes": final.stat().st_size,
                 }
             )
-        _fsync_dir(vdir)
+        fsync_dir(vdir)
         info: dict[str, Any] = {"tp_size": tp_size, "ranks": ranks}
         manifest = {
             "version": version,
@@ -167,7 +168,7 @@ class ArtifactStore:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
         _fsync_file(tmp)
         os.replace(tmp, final)
-        _fsync_dir(vdir)
+        fsync_dir(vdir)
         return info
 
     # Reading -----------------------------------------------------------------------------
@@ -221,7 +222,7 @@ class ArtifactStore:
         # Renamed first so that exists() turns false in one step, even if rmtree is interrupted.
         doomed = self.root / f".deleting-v{version}-{os.getpid()}-{time.monotonic_ns()}"
         os.replace(vdir, doomed)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(doomed, ignore_errors=True)
         return True
 

@@ -452,7 +452,10 @@ class Coordinator:
             fence=fence,
             reason=reason,
             status=_S.ABORTED.value if rollout else "",
-            may_be=ALLOWED_FROM[_S.ABORTED] if rollout else frozenset(),
+            # Already ABORTED is fine: a pipeline that failed mid-rollout may have marked it, and
+            # this decision (which also tells the ranks to drop what they staged) must still go
+            # through, or the open transaction would block every later update and restart.
+            may_be=ALLOWED_FROM[_S.ABORTED] | {_S.ABORTED} if rollout else frozenset(),
             previous_to="",
         )
         log.warning("transaction %s (version %d): ABORT at epoch %s: %s",

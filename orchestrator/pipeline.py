@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from kernels.finite import find_non_finite
 from orchestrator.errors import (
     BadRequest,
     Conflict,
@@ -39,10 +40,15 @@ from orchestrator.sources import (
     resolve_path_source,
     scan_non_finite,
 )
+from orchestrator.text import some
 from orchestrator.updates import Stage, UpdateQueue, UpdateRecord
 from orchestrator.versions import VersionStatus, VersionStore
 
 log = logging.getLogger("refitd.pipeline")
+
+_EVER_COMMITTED = frozenset(
+    {VersionStatus.COMMITTED, VersionStatus.SUPERSEDED, VersionStatus.ROLLED_BACK}
+)
 
 
 @dataclass(frozen=True)
@@ -219,10 +225,12 @@ class UpdatePipeline:
                 self.run(update_id)
             except Exception:
                 log.exception("update %s failed unexpectedly", update_id)
-            finally:
-                with contextlib.suppress(Exception):
+            # Off the running list only once its record is final: if Redis failed mid-way, it
+            # stays there, readiness reports it as stuck, and the next start's recovery closes it.
+            with contextlib.suppress(Exception):
+                if self.queue.get(update_id).final:
                     self.queue.done(update_id)
-            self.metrics.queued.set(self.queue.waiting())
+                self.metrics.queued.set(self.queue.waiting())
 
     def run(self, update_id: str) -> None:
         """Drive one update to its end; every outcome is recorded on the update and version."""
@@ -275,6 +283,14 @@ class UpdatePipeline:
         if to is not None:
             with contextlib.suppress(RefitError):
                 self.versions.transition(record.version, to, reason=message)
+        # An error after the COMMIT decision (a timeout waiting for acks, say) leaves the version
+        # committed: the update succeeded, and saying otherwise would make the trainer retry.
+        if self.versions.get(record.version).status in _EVER_COMMITTED:
+            log.warning("version %d is committed although the pipeline then failed: %s",
+                        record.version, message)  # fmt: skip
+            self.queue.finish(record.update_id, ok=True, stage=Stage.COMMITTED, error=None)
+            self.metrics.updates.labels("committed").inc()
+            return
         self.queue.finish(record.update_id, ok=False, stage=stage, error=message)
         self.metrics.updates.labels(outcome).inc()
         log.warning("version %d %s: %s", record.version, stage.value, message)
@@ -301,9 +317,9 @@ class UpdatePipeline:
             header = inspect_files(files, max_tensors=self.settings.limits.max_tensors)
             check_header(header, model.expected)
             state = {name: t.to(self._device) for name, t in load_tensors(files)}
-            bad = [n for n, t in state.items() if not bool(torch.isfinite(t).all())]
+            bad = find_non_finite(state)
             if bad:
-                raise InvalidUpdate(f"NaN or Inf in {', '.join(sorted(bad)[:8])}")
+                raise InvalidUpdate(f"NaN or Inf in {some(bad)}")
 
         with self._stage(record, Stage.QUANTIZING):
             plan = plan_model(

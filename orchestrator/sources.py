@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from kernels.finite import find_non_finite
+from orchestrator.artifacts import fsync_dir
 from orchestrator.errors import InvalidUpdate, PayloadTooLarge, SourceNotAllowed
+from orchestrator.text import some
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 INDEX_NAME = "model.safetensors.index.json"
@@ -75,11 +78,17 @@ def _directory_files(directory: Path, roots: list[Path]) -> WeightFiles:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidUpdate(f"{INDEX_NAME} is not a valid index: {exc}") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and "\x00" not in v and "/" not in v
+            for v in weight_map.values()
+        ):
+            raise InvalidUpdate(
+                f"{INDEX_NAME}: weight_map must map tensor names to file names in its directory"
+            )
         files = []
-        for name in names:
+        for name in sorted(set(weight_map.values())):
             f = (directory / name).resolve()
             if not any(f.is_relative_to(root) for root in roots) or f.parent != directory:
                 raise SourceNotAllowed(f"{INDEX_NAME} names {name!r} outside {directory}")
@@ -186,6 +195,7 @@ class UploadSink:
         os.fsync(self._file.fileno())
         self._file.close()
         self._partial.replace(self.path)
+        fsync_dir(self.path.parent)  # the 202 promises the bytes survive a crash
         return self._hash.hexdigest()
 
     def discard(self) -> None:
@@ -196,7 +206,6 @@ class UploadSink:
 
 # safetensors' dtype names of the float formats an update may carry.
 UPDATE_DTYPE_NAMES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-_SHOWN = 8
 
 
 def check_header(
@@ -209,9 +218,9 @@ def check_header(
     missing = sorted(set(expected) - set(header))
     unexpected = sorted(set(header) - set(expected))
     if missing:
-        problems.append(f"missing tensors: {_some(missing)}")
+        problems.append(f"missing tensors: {some(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {_some(unexpected)}")
+        problems.append(f"unexpected tensors: {some(unexpected)}")
     shapes = [
         f"{name} has shape {list(shape)}, expected {list(expected[name][0])}"
         for name, (_, shape) in sorted(header.items())
@@ -223,24 +232,16 @@ def check_header(
         if name in expected and UPDATE_DTYPE_NAMES.get(dtype) not in expected[name][1]
     ]
     if shapes:
-        problems.append("wrong shapes: " + _some(shapes))
+        problems.append("wrong shapes: " + some(shapes))
     if dtypes:
-        problems.append("wrong dtypes: " + _some(dtypes))
+        problems.append("wrong dtypes: " + some(dtypes))
     if problems:
         raise InvalidUpdate("; ".join(problems))
 
 
 def scan_non_finite(source: WeightFiles) -> None:
-    """One streaming pass over every tensor: refuse the update if any holds NaN or Inf."""
-    bad = [
-        name
-        for name, tensor in load_tensors(source)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    ]
+    """One streaming pass over every tensor: refuse the update if any holds NaN or Inf, or a
+    value that overflows bf16 (the quantizers' first step), so none reaches a rank."""
+    bad = [name for name, tensor in load_tensors(source) if find_non_finite({name: tensor})]
     if bad:
-        raise InvalidUpdate(f"NaN or Inf in {_some(bad)}; nothing was applied")
-
-
-def _some(items: list[str]) -> str:
-    shown = ", ".join(items[:_SHOWN])
-    return shown + (f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
+        raise InvalidUpdate(f"NaN or Inf in {some(bad)}; nothing was applied")
