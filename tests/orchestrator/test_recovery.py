@@ -98,6 +98,38 @@ def test_daemon_killed_before_the_decision_every_rank_ends_on_the_old_version(
     restarted.stop()
 
 
+def test_an_open_transaction_whose_version_was_already_aborted_is_still_settled(
+    make_cluster,  # noqa: F811
+) -> None:
+    """A pipeline that failed mid-rollout (a Redis timeout, say) marks its version ABORTED while
+    the transaction is still open; the abort decision must still go through, or every later
+    update and every restart would stop on it."""
+    c = make_cluster(2)
+    v1 = c.make_version()
+    c.rollout(v1)
+    driver = Driver(c)
+    v2 = c.make_version()
+    c.signal_rank(1, signal.SIGSTOP)
+    try:
+        driver.send(f"rollout {v2}")
+        txn = wait_txn(c, v2, _prepared(0))
+        driver.kill()
+    finally:
+        c.signal_rank(1, signal.SIGCONT)
+    c.versions.transition(v2, S.ABORTED, reason="the pipeline failed mid-rollout")
+
+    restarted = Driver(c)  # recovery settles the open transaction instead of failing on it
+    assert restarted.started["recovery"]["transactions"] == [
+        {"txn": txn["id"], "version": v2, "state": "PREPARING"}]  # fmt: skip
+    assert c.coordinator.txn(txn["id"]).state.value == "ABORTED"
+    state = c.wait_ready(v1)
+    assert all(r["staged_version"] is None for r in state["ranks"])
+    v3 = c.make_version()
+    assert restarted.call(f"rollout {v3}")["ok"]
+    c.wait_ready(v3)
+    restarted.stop()
+
+
 def test_versions_caught_mid_pipeline_are_aborted_on_restart(make_cluster) -> None:  # noqa: F811
     c = make_cluster(2, start=False)
     received = c.versions.create(label="r")
