@@ -112,10 +112,8 @@ def rank(
     settings = _settings(config)
     if rank >= settings.ranks.tp_size:
         fail(f"--rank {rank} is not below ranks.tp_size={settings.ranks.tp_size}")
-    try:
-        from orchestrator.rank_agent import run_rank_agent
-    except ImportError:
-        fail("this build has no rank agent")
+    from orchestrator.rank_agent import run_rank_agent
+
     try:
         run_rank_agent(settings, rank)
     except RefitError as exc:

@@ -26,6 +26,7 @@ app = typer.Typer(
 class _Ctx:
     def __init__(self, url: str, token: str | None, timeout: float) -> None:
         self.url = url.rstrip("/")
+        self.timeout = timeout
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
@@ -162,7 +163,8 @@ def rollback(
     """Switch every rank back, all or none (default: to the previously committed version)."""
     c: _Ctx = ctx.obj
     body = {"to_version": to} if to is not None else {}
-    result = c.request("POST", "/weights/rollback", json=body)
+    # The daemon may first wait for a running update to finish (limits.request_timeout_s).
+    result = c.request("POST", "/weights/rollback", json=body, timeout=max(c.timeout, 900.0))
     typer.echo(
         f"rolled back: version {result['active_version']} is active"
         + (f" (was {result['previous_version']})" if result.get("previous_version") else "")
@@ -185,7 +187,10 @@ def push(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="A safetensors directory or file.")],
     label: Annotated[str | None, typer.Option(help="Free-form, e.g. the train step.")] = None,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify")] = True,
+    verify: Annotated[
+        bool | None,
+        typer.Option("--verify/--no-verify", help="Default: the daemon's verification.enabled."),
+    ] = None,
     upload: Annotated[
         bool, typer.Option(help="Send the bytes of one .safetensors file instead of its path.")
     ] = False,
@@ -193,6 +198,9 @@ def push(
         str | None, typer.Option(help="Replays give the same answer.")
     ] = None,
     follow: Annotated[bool, typer.Option("--follow/--no-follow")] = True,
+    follow_timeout: Annotated[
+        float, typer.Option(help="Give up following after this many seconds (exit 1).")
+    ] = 3600.0,
 ) -> None:
     """Post an update and follow it to the end with a progress bar."""
     c: _Ctx = ctx.obj
@@ -200,31 +208,40 @@ def push(
     if upload:
         if not source.is_file():
             fail(f"--upload sends one .safetensors file; {source} is not a file")
-        params = {"verify": str(verify).lower(), **({"label": label} if label else {})}
+        params = {
+            **({"verify": str(verify).lower()} if verify is not None else {}),
+            **({"label": label} if label else {}),
+        }
         with source.open("rb") as f:
             accepted = c.request(
                 "POST", "/weights/update", ok=(202,), content=f, params=params,
                 headers={**headers, "Content-Type": "application/octet-stream"},
             )  # fmt: skip
     else:
-        body = {"source": {"type": "path", "path": str(source.resolve())}, "verify": verify}
+        body: dict[str, Any] = {"source": {"type": "path", "path": str(source.resolve())}}
+        if verify is not None:
+            body["verify"] = verify
         if label:
             body["label"] = label
         accepted = c.request("POST", "/weights/update", ok=(202,), json=body, headers=headers)
     typer.echo(f"update {accepted['update_id']}: version {accepted['version']}")
     if not follow:
         return
-    state = _follow(c, accepted["update_id"])
+    state = _follow(c, accepted["update_id"], follow_timeout)
     if state["status"] != "succeeded":
         fail(f"version {state['version']} {state['stage']}: {state['error']}", 1)
     typer.echo(f"version {state['version']} committed on every rank")
 
 
-def _follow(c: _Ctx, update_id: str) -> dict[str, Any]:
+def _follow(c: _Ctx, update_id: str, timeout_s: float) -> dict[str, Any]:
     shown = 0
     stage = ""
+    deadline = time.monotonic() + timeout_s
     with typer.progressbar(length=100, label="queued".ljust(12), show_eta=False) as bar:
         while True:
+            if time.monotonic() > deadline:
+                fail(f"update {update_id} is still {stage or 'queued'} after {timeout_s:g}s; "
+                     f"follow it with GET /weights/updates/{update_id}", 1)  # fmt: skip
             state = c.request("GET", f"/weights/updates/{update_id}")
             if state["stage"] != stage:
                 stage = state["stage"]

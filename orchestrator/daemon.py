@@ -64,6 +64,7 @@ class Refitd:
                 self.model = ModelSpec.load(self.settings.model.config)
             except RefitError as exc:
                 raise ConfigError(exc.message) from None
+            self._check_model(self.model)
             kind = self.model.config.get("model_type", "?")
             log.info("model %s (%s): %d tensors per update", self.model.path, kind,
                      len(self.model.expected))  # fmt: skip
@@ -107,6 +108,32 @@ class Refitd:
             self.supervisor = Supervisor(self.settings, redis_url=self.redis_url)
             self.supervisor.start()
         self._pipeline.start()
+
+    def _check_model(self, model: ModelSpec) -> None:
+        """Refuse at start what would make every update fail: a TP size the model cannot be
+        split by, or a probe batch the model cannot take."""
+        from orchestrator.planner import plan_model
+        from orchestrator.probe import probe_batch
+
+        shapes = {name: shape for name, (shape, _) in model.expected.items()}
+        probe = self.settings.verification.probe
+        try:
+            plan_model(
+                shapes,
+                self.settings.ranks.tp_size,
+                config=model.config,
+                ignore=self.settings.quantization.ignore,
+            )
+            probe_batch(
+                int(model.config["vocab_size"]),
+                seed=probe.seed,
+                count=probe.count,
+                length=probe.length,
+                token_ids=probe.token_ids,
+            )
+        except (RefitError, ValueError, KeyError) as exc:
+            message = exc.message if isinstance(exc, RefitError) else str(exc)
+            raise ConfigError(f"model.config {model.path} with these settings: {message}") from None
 
     def _unstarted(self) -> set[int]:
         """Versions still RECEIVED whose update waits in the queue or was taken but not begun."""
@@ -159,14 +186,20 @@ class Refitd:
     def rollback(self, to_version: int | None) -> dict[str, Any]:
         """Roll every rank back under the update lock (waiting for a running update's turn up to
         limits.request_timeout_s). Returns the coordinator's result plus the versions involved."""
-        before = self.coordinator.active()["active_version"]
-        with self.update_lock(timeout_s=self.settings.limits.request_timeout_s) as lock:
+        # The pipeline takes no new update while a rollback waits, so the rollback waits for the
+        # running update at most, never for the whole queue.
+        with (
+            self.pipeline.hold(),
+            self.update_lock(timeout_s=self.settings.limits.request_timeout_s) as lock,
+        ):
             assert lock.fence is not None
             result = self.coordinator.rollback(to_version, fence=lock.fence)
+        self.pipeline.forget_drift_baseline()
         self.metrics.rollbacks.inc()
         self.metrics.active_version.set(result["version"])
-        log.info("rolled back from version %s to %s", before, result["version"])
-        return {**result, "active_version": result["version"], "previous_version": before}
+        log.info("rolled back from version %s to %s", result["from_version"], result["version"])
+        return {**result, "active_version": result["version"],
+                "previous_version": result["from_version"]}  # fmt: skip
 
     def refresh_metrics(self) -> None:
         """Gauges read at scrape time."""

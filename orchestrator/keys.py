@@ -44,10 +44,6 @@ class Keys:
         return self._k("epoch")
 
     # Updates (a trainer's request; one update makes at most one version)
-    @property
-    def update_counter(self) -> str:
-        return self._k("update", "counter")
-
     def update(self, update_id: str) -> str:
         """Hash: status, stage, progress, error, version."""
         return self._k("update", update_id)
@@ -121,7 +117,3 @@ class Keys:
     def events(self) -> str:
         """Append-only stream of every transition (the audit log)."""
         return self._k("events")
-
-    def pattern(self) -> str:
-        """SCAN pattern matching every key of this deployment."""
-        return self._k("*")

@@ -104,6 +104,8 @@ class UpdatePipeline:
         self.model = model
         self.uploads_dir = settings.resolved_data_dir() / "uploads"
         self._stop = threading.Event()
+        self._holds = 0
+        self._holds_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._previous_bf16: dict[str, torch.Tensor] | None = None
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,8 +213,26 @@ class UpdatePipeline:
         if self._worker is not None:
             self._worker.join(timeout_s)
 
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """While held, the worker starts no new update (a rollback waits for its turn)."""
+        with self._holds_lock:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._holds_lock:
+                self._holds -= 1
+
+    def forget_drift_baseline(self) -> None:
+        """After a rollback the kept bf16 weights are no longer the active version's."""
+        self._previous_bf16 = None
+
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self._holds:
+                time.sleep(0.05)
+                continue
             try:
                 update_id = self.queue.take(timeout_s=0.5)
             except Exception:  # Redis down: keep trying, readiness reports it
@@ -337,7 +357,14 @@ class UpdatePipeline:
         if record.verify:
             with self._stage(record, Stage.VERIFYING):
                 verification = self._verify(model, state, shards, plan)
-                self.versions.set_fields(version, verification=verification.to_dict())
+                details = verification.to_dict()
+                if self.settings.verification.drift.enabled and self._previous_bf16 is None:
+                    # The baseline lives in memory only (a full bf16 copy of the model).
+                    details["drift"] = (
+                        "skipped: no previous bf16 weights in memory (the first update since "
+                        "the daemon started or since a rollback)"
+                    )
+                self.versions.set_fields(version, verification=details)
                 if not verification.passed:
                     raise InvalidUpdate(f"verification failed: {verification.reason}")
                 self.versions.transition(version, VersionStatus.VERIFIED)

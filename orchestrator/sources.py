@@ -28,9 +28,6 @@ class WeightFiles:
 
     files: tuple[Path, ...]
 
-    def describe(self) -> str:
-        return ", ".join(f.name for f in self.files)
-
 
 def resolve_path_source(raw: str, allowed_roots: Iterable[Path]) -> WeightFiles:
     """Check that `raw` lies inside an allowed root (after resolving `..` and symlinks) and

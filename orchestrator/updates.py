@@ -251,6 +251,16 @@ class UpdateQueue:
         pipe = self._r.pipeline(transaction=True)
         pipe.lrem(self._keys.update_running, 0, update_id)
         pipe.lpush(self._keys.update_queue, update_id)
+        # It starts over: queued again, and its run time counts from its next start.
+        pipe.hset(
+            self._keys.update(update_id),
+            mapping={
+                "status": UpdateStatus.QUEUED.value,
+                "stage": Stage.QUEUED.value,
+                "progress": "0",
+            },
+        )
+        pipe.hdel(self._keys.update(update_id), "started_at")
         pipe.execute()
 
     def waiting(self) -> int:

@@ -55,6 +55,8 @@ def test_refitd_and_every_rank_share_redis_and_tp_size() -> None:
         seen_gpus.update(device["device_ids"])
     assert seen_ranks == set(range(tp_size))
     assert len(seen_gpus) == tp_size, "one GPU per rank"
+    (device,) = services["refitd"]["deploy"]["resources"]["reservations"]["devices"]
+    assert "gpu" in device["capabilities"], "the daemon quantizes and verifies on a GPU"
 
 
 def test_redis_persists_every_write() -> None:

@@ -282,7 +282,7 @@ def test_an_update_taken_while_a_rollback_holds_the_lock_waits_for_it(api: Api) 
             wait_until(lambda: api.active()["ranks"][0]["staged_version"] == x, timeout_s=10)
             response = api.push(directory, label="behind-the-rollback")
             assert response.status_code == 202, response.text
-            time.sleep(0.5)  # the worker takes the update from the queue meanwhile
+            time.sleep(0.5)  # queued behind the rollback: the worker holds back, then runs it
             os.kill(paused, signal.SIGCONT)
             done = rollback.result()
     finally:

@@ -81,6 +81,12 @@ def test_take_done_and_requeue(queue: UpdateQueue) -> None:
     assert 0 < state.progress < 1
     queue.requeue_front(a.update_id)
     assert queue.running() == []
+    again = queue.get(a.update_id)
+    assert (again.status, again.stage, again.started_at) == (
+        UpdateStatus.QUEUED,
+        Stage.QUEUED,
+        None,
+    )
     assert queue.take(0.1) == a.update_id
     queue.finish(a.update_id, ok=True, stage=Stage.COMMITTED, error=None)
     queue.done(a.update_id)
