@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -108,3 +109,29 @@ def test_bad_settings_stop_serve_with_one_line(
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("refitd: error:")]
     assert len(errors) == 1
+
+
+def test_a_model_the_tp_size_cannot_split_stops_serve(tmp_path: Path) -> None:
+    config = {
+        "model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "vocab_size": 512, "max_position_embeddings": 128,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFITD_")}
+    env.update(
+        REFITD_DEV_MODE="true",
+        REFITD_DATA_DIR=str(tmp_path / "d"),
+        REFITD_RANKS__LAUNCH="external",
+        REFITD_RANKS__TP_SIZE="8",
+        REFITD_MODEL__CONFIG=str(tmp_path / "config.json"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "serve"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("refitd: error:")]
+    assert len(errors) == 1
+    assert "tp_size" in errors[0] or "divis" in errors[0], errors[0]
+    assert "Traceback" not in done.stderr
