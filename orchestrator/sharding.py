@@ -20,6 +20,7 @@ from kernels.fp8 import BLOCK, FP8_DTYPE
 from kernels.grouped import quantize_blockwise_many, quantize_per_channel_many
 from kernels.per_channel import dequantize_per_channel
 from orchestrator.planner import ModelPlan, PlanError, Range, Scheme, TensorPlan, scale_name
+from orchestrator.text import some
 
 Ranges = tuple[tuple[Range, ...], ...]
 # (shipped name, dim it is split along or None when every rank holds it whole, per-rank ranges)
@@ -192,7 +193,7 @@ def _check_state(state: Mapping[str, torch.Tensor], plan: ModelPlan) -> None:
     _check_shapes("update", state, expected)
     odd = [name for name, t in state.items() if not t.is_floating_point()]
     if odd:
-        raise PlanError(f"update: tensors that are not floating point: {_some(odd)}")
+        raise PlanError(f"update: tensors that are not floating point: {some(odd)}")
 
 
 def _check_shapes(
@@ -207,15 +208,10 @@ def _check_shapes(
     ]
     problems = []
     if missing:
-        problems.append(f"missing {_some(missing)}")
+        problems.append(f"missing {some(missing)}")
     if extra:
-        problems.append(f"unexpected {_some(extra)}")
+        problems.append(f"unexpected {some(extra)}")
     if wrong:
-        problems.append(f"wrong shape {_some(wrong)}")
+        problems.append(f"wrong shape {some(wrong)}")
     if problems:
         raise PlanError(f"{what} does not match the TP plan: " + "; ".join(problems))
-
-
-def _some(items: list[str], limit: int = 5) -> str:
-    shown = ", ".join(items[:limit])
-    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"

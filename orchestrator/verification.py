@@ -47,14 +47,13 @@ from orchestrator.hf_model import (
 from orchestrator.planner import ModelPlan, Scheme, scale_name
 from orchestrator.probe import logit_metrics, probe_batch
 from orchestrator.sharding import unshard
+from orchestrator.text import some
 
 logger = logging.getLogger("refitd.verification")
 
 # The dtypes a trainer may send; each is cast to bf16 before quantization and for the reference.
 UPDATE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
 
-# How many tensor names one line of an error message lists before "and N more".
-_NAMES_SHOWN = 8
 
 Expected = Mapping[str, tuple[Sequence[int], torch.dtype | tuple[torch.dtype, ...]]]
 
@@ -179,9 +178,9 @@ def check_structure(state: Mapping[str, torch.Tensor], expected: Expected) -> No
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
     if missing:
-        problems.append(f"missing tensors: {_names(missing)}")
+        problems.append(f"missing tensors: {some(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {_names(unexpected)}")
+        problems.append(f"unexpected tensors: {some(unexpected)}")
     wrong_shape = []
     wrong_dtype = []
     for name, (shape, dtypes) in expected.items():
@@ -195,13 +194,13 @@ def check_structure(state: Mapping[str, torch.Tensor], expected: Expected) -> No
             wanted = " or ".join(_dtype_name(d) for d in accepted)
             wrong_dtype.append(f"{name} is {_dtype_name(tensor.dtype)}, expected {wanted}")
     if wrong_shape:
-        problems.append(f"wrong shape: {_names(wrong_shape)}")
+        problems.append(f"wrong shape: {some(wrong_shape)}")
     if wrong_dtype:
-        problems.append(f"wrong dtype: {_names(wrong_dtype)}")
+        problems.append(f"wrong dtype: {some(wrong_dtype)}")
     # Only tensors of an accepted dtype: another dtype is reported above and cannot be cast.
     non_finite = find_non_finite({n: t for n, t in state.items() if t.dtype in UPDATE_DTYPES})
     if non_finite:
-        problems.append(f"NaN or Inf (or a value beyond bf16's range) in: {_names(non_finite)}")
+        problems.append(f"NaN or Inf (or a value beyond bf16's range) in: {some(non_finite)}")
     if problems:
         raise InvalidUpdate("update rejected: " + "; ".join(problems))
 
@@ -217,9 +216,9 @@ def check_artifacts(quantized: Mapping[str, torch.Tensor], plan: ModelPlan) -> l
     missing = [name for name in expected if name not in quantized]
     unexpected = [name for name in quantized if name not in expected]
     if missing:
-        problems.append(f"missing: {_names(missing)}")
+        problems.append(f"missing: {some(missing)}")
     if unexpected:
-        problems.append(f"unexpected: {_names(unexpected)}")
+        problems.append(f"unexpected: {some(unexpected)}")
     dtypes: dict[str, torch.dtype] = {}
     for tensor in plan.tensors.values():
         if tensor.scheme is Scheme.NONE:
@@ -239,7 +238,7 @@ def check_artifacts(quantized: Mapping[str, torch.Tensor], plan: ModelPlan) -> l
         elif t.dtype == torch.float32 and not bool(torch.isfinite(t).all()):
             wrong.append(f"{name} holds NaN or Inf")
     if wrong:
-        problems.append(_names(wrong))
+        problems.append(some(wrong))
     return problems
 
 
@@ -426,8 +425,8 @@ def _artifact_problem(
         lacking = sorted(needed - planned)
         return (
             "the plan does not match the model: "
-            f"planned but not in the model: {_names(extra) or '-'}; "
-            f"in the model but not planned: {_names(lacking) or '-'}"
+            f"planned but not in the model: {some(extra) or '-'}; "
+            f"in the model but not planned: {some(lacking) or '-'}"
         )
     return None
 
@@ -440,12 +439,6 @@ def _device_of(state: Mapping[str, torch.Tensor]) -> torch.device:
 
 def _share(value: float, limit: float) -> float:
     return value / limit
-
-
-def _names(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_NAMES_SHOWN])
-    more = len(items) - _NAMES_SHOWN
-    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
