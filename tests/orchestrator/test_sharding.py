@@ -420,3 +420,23 @@ def test_dequantize_state_refuses_fp8_without_its_scale(small) -> None:
     lonely = {n: t for n, t in shards[0].items() if n != q + "_scale_inv"}
     with pytest.raises(PlanError, match=f"{q}: an fp8 tensor without"):
         dequantize_state(lonely)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_shards_of_a_cuda_model_come_out_of_pinned_staging_bit_for_bit(tp: int) -> None:
+    """On the GPU the shards reach host memory through one pinned staging buffer; each must
+    still equal the CPU path's and own exactly its bytes."""
+    config = {**QWEN2_5_1_5B, "vocab_size": 1003, "tie_word_embeddings": False}
+    shapes = model_shapes(config, fused=False, layers=1)
+    state = _random_state(shapes, seed=tp)
+    plan = plan_model(shapes, tp, config=config)
+    on_cpu = quantize_and_shard(state, plan)
+    on_gpu = quantize_and_shard({n: t.cuda() for n, t in state.items()}, plan)
+    for rank, (cpu_shard, gpu_shard) in enumerate(zip(on_cpu, on_gpu, strict=True)):
+        assert list(gpu_shard) == list(cpu_shard), rank
+        for name, t in gpu_shard.items():
+            assert t.device.type == "cpu" and t.is_contiguous(), name
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+        _assert_same_state(gpu_shard, cpu_shard)
