@@ -31,6 +31,9 @@ router = APIRouter(prefix="/weights", tags=["weights"])
 UPLOAD_TYPES = ("application/octet-stream", "application/x-safetensors")
 # Uploads are written to disk in chunks of this size, off the event loop.
 _WRITE_CHUNK = 8 * 2**20
+# A JSON request names a path or a version: a few hundred bytes. Past this it is not one of ours,
+# and reading it whole would let a client fill the daemon's memory.
+MAX_JSON_BYTES = 2**20
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422)
@@ -98,7 +101,7 @@ async def post_update(
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     pipeline = core.pipeline
     if content_type == "application/json":
-        body = UpdateRequest.model_validate_json(await request.body())
+        body = UpdateRequest.model_validate_json(await _json_bytes(request))
         record, _created = await run_in_threadpool(
             pipeline.submit_path,
             body.source.path,
@@ -122,6 +125,19 @@ async def post_update(
         status_url=_status_url(request, record.update_id),
     )
     return JSONResponse(status_code=202, content=accepted.model_dump())
+
+
+async def _json_bytes(request: Request) -> bytes:
+    """The request body, refused with 413 past MAX_JSON_BYTES (read no further than that)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_JSON_BYTES:
+        raise PayloadTooLarge(f"a JSON body is at most {MAX_JSON_BYTES} bytes, got {declared}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BYTES:
+            raise PayloadTooLarge(f"a JSON body is at most {MAX_JSON_BYTES} bytes")
+    return bytes(body)
 
 
 async def _receive_upload(
@@ -226,7 +242,7 @@ _ROLLBACK_BODY = {
 )
 async def post_rollback(request: Request, core: Core, _: Admin) -> Any:
     """Roll every rank back, all or none: to `to_version`, or to the previously committed one."""
-    raw = (await request.body()).strip()
+    raw = (await _json_bytes(request)).strip()
     body = RollbackRequest.model_validate_json(raw) if raw not in (b"", b"null") else None
     to_version = body.to_version if body else None
     return await run_in_threadpool(core.rollback, to_version)

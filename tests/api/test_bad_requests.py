@@ -292,6 +292,16 @@ CASES: dict[str, tuple[Callable[[Api, Path], httpx.Response], int, str]] = {
     "oversized upload (streamed)": (
         lambda a, e: _streamed(a, UPLOAD_LIMIT + 1),
         413, f"the upload exceeds limits.max_upload_bytes={UPLOAD_LIMIT} bytes"),
+    "oversized JSON body (Content-Length)": (
+        lambda a, e: a.request("POST", "/weights/update", token=TRAINER,
+                               content=b"{" + b" " * 2**20 + b"}",
+                               headers={"Content-Type": "application/json"}),
+        413, "a JSON body is at most 1048576 bytes"),
+    "oversized JSON body (streamed)": (
+        lambda a, e: a.request("POST", "/weights/update", token=TRAINER,
+                               content=iter([b"{", b" " * 2**20, b"}"]),
+                               headers={"Content-Type": "application/json"}),
+        413, "a JSON body is at most 1048576 bytes"),
     "empty upload": (
         lambda a, e: a.upload(b""),
         422, "the upload is empty; send the bytes of a .safetensors file"),
