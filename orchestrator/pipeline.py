@@ -42,7 +42,7 @@ from orchestrator.sources import (
 )
 from orchestrator.text import some
 from orchestrator.updates import Stage, UpdateQueue, UpdateRecord
-from orchestrator.versions import VersionStatus, VersionStore
+from orchestrator.versions import FINAL_FAILURES, VersionStatus, VersionStore
 
 log = logging.getLogger("refitd.pipeline")
 
@@ -434,11 +434,10 @@ class UpdatePipeline:
                          update_id, record.version)  # fmt: skip
                 self.queue.requeue_front(update_id)
                 continue
-            if status in (VersionStatus.COMMITTED, VersionStatus.SUPERSEDED,
-                          VersionStatus.ROLLED_BACK):  # fmt: skip
+            if status in _EVER_COMMITTED:
                 self.queue.finish(update_id, ok=True, stage=Stage.COMMITTED, error=None)
             else:
-                if status not in (VersionStatus.REJECTED, VersionStatus.ABORTED):
+                if status not in FINAL_FAILURES:
                     with contextlib.suppress(RefitError):
                         self.versions.transition(
                             record.version, VersionStatus.ABORTED,
