@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
-from orchestrator.daemon import Refitd
+from orchestrator.service.daemon import Refitd
 
 
 class Role(StrEnum):

@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.routers import artifacts, health, metrics, weights
-from orchestrator.daemon import Refitd
+from orchestrator.service.daemon import Refitd
 
 
 def create_app(core: Refitd) -> FastAPI:

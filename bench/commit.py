@@ -38,16 +38,16 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from orchestrator.artifacts import ArtifactStore  # noqa: E402
-from orchestrator.coordinator import Coordinator  # noqa: E402
-from orchestrator.keys import Keys  # noqa: E402
-from orchestrator.lock import UpdateLock  # noqa: E402
-from orchestrator.rank_agent import fetch_shard  # noqa: E402
-from orchestrator.redis_client import connect  # noqa: E402
-from orchestrator.redis_server import EmbeddedRedis, free_port  # noqa: E402
+from orchestrator.rollout.coordinator import Coordinator  # noqa: E402
+from orchestrator.rollout.lock import UpdateLock  # noqa: E402
+from orchestrator.rollout.rank_agent import fetch_shard  # noqa: E402
+from orchestrator.rollout.supervisor import Supervisor  # noqa: E402
 from orchestrator.settings import REPO_ROOT, Settings, load_settings  # noqa: E402
-from orchestrator.supervisor import Supervisor  # noqa: E402
-from orchestrator.versions import VersionStatus, VersionStore  # noqa: E402
+from orchestrator.state.artifacts import ArtifactStore  # noqa: E402
+from orchestrator.state.keys import Keys  # noqa: E402
+from orchestrator.state.redis_client import connect  # noqa: E402
+from orchestrator.state.redis_server import EmbeddedRedis, free_port  # noqa: E402
+from orchestrator.state.versions import VersionStatus, VersionStore  # noqa: E402
 
 TRAINER = "bench-trainer-token-0123456789"
 ADMIN = "bench-admin-token-0123456789ab"
@@ -188,7 +188,7 @@ def _serve(config: Path) -> None:
 
     from api.errors import install_error_handlers
     from api.routers import artifacts as artifacts_router
-    from orchestrator.daemon import Refitd
+    from orchestrator.service.daemon import Refitd
 
     settings = load_settings(config)
     app = FastAPI()

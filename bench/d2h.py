@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 
 from kernels.grouped import quantize_blockwise_many
-from orchestrator.planner import plan_model
-from orchestrator.sharding import quantize_state, shard_state
+from orchestrator.model.planner import plan_model
+from orchestrator.model.sharding import quantize_state, shard_state
 
 HIDDEN, INTER, LAYERS, KV = 4096, 12288, 36, 1024
 

@@ -30,11 +30,11 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from orchestrator import synthetic  # noqa: E402
-from orchestrator.planner import ModelPlan, plan_model  # noqa: E402
-from orchestrator.probe import probe_batch  # noqa: E402
-from orchestrator.sharding import quantize_state, shard_state  # noqa: E402
-from orchestrator.verification import Thresholds, VerificationReport, verify  # noqa: E402
+from orchestrator.model import synthetic  # noqa: E402
+from orchestrator.model.planner import ModelPlan, plan_model  # noqa: E402
+from orchestrator.model.probe import probe_batch  # noqa: E402
+from orchestrator.model.sharding import quantize_state, shard_state  # noqa: E402
+from orchestrator.model.verification import Thresholds, VerificationReport, verify  # noqa: E402
 from tests.orchestrator import _tiny_models as tiny  # noqa: E402
 
 NOTES = REPO / "docs" / "verification-notes.md"

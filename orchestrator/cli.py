@@ -72,7 +72,7 @@ def serve(config: ConfigOption = None, log_level: str = "INFO") -> None:
     lock_fd = _lock_data_dir(settings)
     import uvicorn
 
-    from orchestrator.daemon import Refitd
+    from orchestrator.service.daemon import Refitd
 
     _Server = _server_class()
 
@@ -112,7 +112,7 @@ def rank(
     settings = _settings(config)
     if rank >= settings.ranks.tp_size:
         fail(f"--rank {rank} is not below ranks.tp_size={settings.ranks.tp_size}")
-    from orchestrator.rank_agent import run_rank_agent
+    from orchestrator.rollout.rank_agent import run_rank_agent
 
     try:
         run_rank_agent(settings, rank)

@@ -24,7 +24,7 @@ import httpx
 import torch
 from safetensors.torch import save_file
 
-from orchestrator import synthetic
+from orchestrator.model import synthetic
 
 DEMO_DIR = Path(".refitd-demo")
 DEFAULT_PORT = 8470

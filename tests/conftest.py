@@ -22,9 +22,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from orchestrator.redis_client import connect
-from orchestrator.redis_server import free_port
 from orchestrator.settings import REPO_ROOT
+from orchestrator.state.redis_client import connect
+from orchestrator.state.redis_server import free_port
 
 REDIS_BINARY = shutil.which("redis-server")
 REDIS_CONF = REPO_ROOT / "configs" / "redis.conf"

@@ -24,7 +24,7 @@ from api.schemas import (
     VersionSummary,
 )
 from orchestrator.errors import BadRequest, PayloadTooLarge
-from orchestrator.updates import UpdateRecord, UpdateStatus
+from orchestrator.service.updates import UpdateRecord, UpdateStatus
 
 router = APIRouter(prefix="/weights", tags=["weights"])
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from orchestrator.redis_server import free_port
+from orchestrator.model.synthetic import base_state, honest_update
 from orchestrator.settings import REPO_ROOT
-from orchestrator.synthetic import base_state, honest_update
+from orchestrator.state.redis_server import free_port
 from tests.conftest import DaemonProcess, wait_until
 from tests.orchestrator._tiny_models import CONFIGS
 

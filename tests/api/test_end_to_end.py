@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.synthetic import outlier_update
+from orchestrator.model.synthetic import outlier_update
 from tests.api.conftest import ADMIN, GARBAGE, STAGES, TRAINER, Api, CtlResult, refitctl, unused_url
 from tests.conftest import wait_until
 

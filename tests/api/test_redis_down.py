@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from orchestrator.daemon import Refitd
+from orchestrator.service.daemon import Refitd
 from orchestrator.settings import load_settings
 
 TOKEN = "reader-token-0123456789"

@@ -25,14 +25,14 @@ import redis
 import torch
 import yaml
 
-from orchestrator.artifacts import ArtifactStore
-from orchestrator.coordinator import Coordinator
-from orchestrator.keys import Keys
-from orchestrator.lock import UpdateLock
-from orchestrator.redis_client import connect
+from orchestrator.rollout.coordinator import Coordinator
+from orchestrator.rollout.lock import UpdateLock
+from orchestrator.rollout.supervisor import Supervisor
 from orchestrator.settings import REPO_ROOT, Settings, load_settings
-from orchestrator.supervisor import Supervisor
-from orchestrator.versions import VersionStatus, VersionStore
+from orchestrator.state.artifacts import ArtifactStore
+from orchestrator.state.keys import Keys
+from orchestrator.state.redis_client import connect
+from orchestrator.state.versions import VersionStatus, VersionStore
 from tests.conftest import RedisProcess, wait_until
 
 # Short deadlines keep fault tests quick; heartbeats are generous enough that two busy shared

@@ -15,8 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from orchestrator.daemon import Refitd
 from orchestrator.errors import RefitError
+from orchestrator.service.daemon import Refitd
 from orchestrator.settings import load_settings
 
 

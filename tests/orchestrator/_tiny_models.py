@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from kernels.fp8 import BLOCK
-from orchestrator.planner import ModelPlan, Scheme, Split, TensorPlan, plan_model, scale_name
-from orchestrator.sharding import quantize_and_shard
+from orchestrator.model.planner import ModelPlan, Scheme, Split, TensorPlan, plan_model, scale_name
+from orchestrator.model.sharding import quantize_and_shard
 
 _COMMON: dict[str, Any] = {
     "hidden_size": 256,

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.redis_client import connect
 from orchestrator.settings import REPO_ROOT
+from orchestrator.state.redis_client import connect
 from tests.conftest import DaemonProcess
 
 DEV = {"REFITD_DEV_MODE": "true", "REFITD_RANKS__LAUNCH": "external"}

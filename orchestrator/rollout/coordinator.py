@@ -1,0 +1,599 @@
+"""The coordinator: switches every TP rank to one version, or none, by two-phase commit on Redis.
+
+A rollout (or rollback) runs under the update lock, whose fence every mutating script checks:
+1. BEGIN records the transaction and the epoch it starts at, moves the version to PREPARED, and
+   sends PREPARE to the ranks' command stream, in one script. Each rank fetches its shard,
+   checks the file digest, stages it, and acks PREPARED with the tensor digest of what it staged
+   (txn.ACK).
+2. DECIDE records COMMIT (all ranks prepared with the expected digests) or ABORT (a rank failed,
+   died, restarted, or missed rollout.prepare_deadline_s) together with the new active version,
+   the epoch, every version status that follows from it, and the COMMIT or ABORT command to the
+   ranks, in one script: a coordinator that dies after deciding leaves nothing unsent.
+3. After COMMIT the coordinator waits for commit acks up to rollout.commit_deadline_s. The last
+   rank's ack closes the transaction. A rank that has not acked by then keeps it open: it acks
+   when it next starts (it loads the active version), and no new transaction begins until it has
+   (settle_open re-sends COMMIT and waits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from orchestrator.errors import (
+    Conflict,
+    FencedOut,
+    NotFound,
+    RedisUnavailable,
+    RolloutAborted,
+)
+from orchestrator.rollout.txn import (
+    BEGIN,
+    DECIDE,
+    RankPhase,
+    TxnKind,
+    TxnRecord,
+    TxnState,
+)
+from orchestrator.settings import Settings
+from orchestrator.state.artifacts import ArtifactStore
+from orchestrator.state.keys import Keys
+from orchestrator.state.lua import ScriptRegistry
+from orchestrator.state.versions import ALLOWED_FROM, EVENTS_MAXLEN, VersionStatus, VersionStore
+
+log = logging.getLogger("refitd.coordinator")
+
+# The ranks' command stream keeps this many recent commands; an agent reads only what came after
+# it started.
+COMMANDS_MAXLEN = 1000
+# How often a waiting coordinator looks at the ranks' heartbeats and incarnations, and so how late
+# it notices a rank that died mid-prepare. XREAD blocks for at most this long at a time.
+LIVENESS_CHECK_S = 0.1
+
+_HISTORY_CHUNK = 64
+
+_S = VersionStatus
+IN_FLIGHT = frozenset({_S.RECEIVED, _S.QUANTIZED, _S.VERIFIED, _S.PREPARED})
+EVER_ACTIVE = frozenset({_S.SUPERSEDED, _S.ROLLED_BACK})
+_FAILED = frozenset({_S.REJECTED, _S.ABORTED})
+
+
+def _csv(statuses: frozenset[VersionStatus]) -> str:
+    return ",".join(sorted(s.value for s in statuses))
+
+
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise RedisUnavailable(f"Redis does not answer: {exc}") from None
+
+
+@dataclass
+class _Acks:
+    """What waiting on a transaction's acks found."""
+
+    last_id: str
+    pending: set[int]
+    failure: str | None = None
+
+
+class Coordinator:
+    """Rolls versions out to every rank (and back) atomically; reads the ranks' state."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        settings: Settings,
+        versions: VersionStore,
+        artifacts: ArtifactStore,
+    ) -> None:
+        self._r = client
+        self._keys = keys
+        self._settings = settings
+        self._versions = versions
+        self._artifacts = artifacts
+        self._scripts = ScriptRegistry(client)
+        self.tp_size = settings.ranks.tp_size
+
+    # Public API ----------------------------------------------------------------------------
+    def rollout(self, version: int, *, fence: int) -> dict[str, Any]:
+        """Switch every rank to `version` (QUANTIZED or VERIFIED, artifacts written), or none.
+
+        Returns {"version", "txn", "kind", "from_version", "epoch", "pending_ranks", "pruned",
+        "timings": {"prepare_s", "commit_s", "total_s"}}. `pending_ranks` lists ranks that had
+        not acked the commit by rollout.commit_deadline_s (the version is committed regardless).
+        Raises RolloutAborted (the version is then ABORTED, every rank stays on the active
+        version), Conflict/NotFound (the version cannot be rolled out; nothing changed),
+        FencedOut (the lock was lost) or RedisUnavailable.
+        """
+        with _redis_errors():
+            record = self._versions.get(version)
+            if record.status not in ALLOWED_FROM[_S.PREPARED]:
+                raise Conflict(
+                    f"version {version} is {record.status.value}; only a QUANTIZED or VERIFIED "
+                    "version can be rolled out"
+                )
+            try:
+                self.settle_open(fence=fence, wait=True)
+                shards = self._shards(version, record.artifact)
+            except FencedOut:
+                raise
+            except (Conflict, RolloutAborted) as exc:
+                reason = exc.message
+                self._versions.transition(version, _S.ABORTED, reason=reason)
+                raise RolloutAborted(f"rollout of version {version} aborted: {reason}") from None
+            return self._run(version, TxnKind.ROLLOUT, shards, fence=fence)
+
+    def rollback(self, to_version: int | None = None, *, fence: int) -> dict[str, Any]:
+        """Switch every rank back to `to_version` (default: the previous committed version).
+
+        The target must have been active before (SUPERSEDED or ROLLED_BACK) and its artifacts
+        must still be stored; else NotFound (unknown version) or Conflict, and nothing changes.
+        On success the version rolled back from is ROLLED_BACK and the target COMMITTED again.
+        Returns what rollout() returns; raises RolloutAborted if a rank fails to prepare.
+        """
+        with _redis_errors():
+            active = self._active_version()
+            if active is None:
+                raise Conflict("no version is active, so there is nothing to roll back")
+            if to_version is None:
+                target = self.previous_committed()
+                if target is None:
+                    raise Conflict(
+                        f"version {active} is active and no earlier version was committed (and "
+                        "not since rolled back from); choose a version to roll back to"
+                    )
+            else:
+                target = to_version
+            record = self._versions.get(target)
+            if target == active:
+                raise Conflict(f"version {target} is already the active version")
+            if record.status not in EVER_ACTIVE:
+                raise Conflict(
+                    f"version {target} is {record.status.value}; only a version that was active "
+                    "before (SUPERSEDED or ROLLED_BACK) can be rolled back to"
+                )
+            if not self._artifacts.exists(target):
+                raise Conflict(
+                    f"the artifacts of version {target} were pruned (rollout.retention keeps "
+                    f"{self._settings.rollout.retention} committed versions), so it can no "
+                    "longer be rolled back to"
+                )
+            self.settle_open(fence=fence, wait=True)
+            shards = self._shards(target, record.artifact)
+            return self._run(target, TxnKind.ROLLBACK, shards, fence=fence)
+
+    def active(self) -> dict[str, Any]:
+        """The active version, the epoch that made it so, and what every rank holds."""
+        with _redis_errors():
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hgetall(self._keys.active)
+            pipe.get(self._keys.epoch)
+            for r in range(self.tp_size):
+                pipe.hgetall(self._keys.rank(r))
+                pipe.exists(self._keys.rank_alive(r))
+            replies = pipe.execute()
+        active, epoch, per_rank = replies[0], replies[1], replies[2:]
+        ranks = []
+        for r in range(self.tp_size):
+            raw, alive = per_rank[2 * r], per_rank[2 * r + 1]
+            ranks.append(
+                {
+                    "rank": r,
+                    "version": _opt_int(raw.get("version")),
+                    "state": raw.get("state") or "UNREGISTERED",
+                    "alive": bool(alive),
+                    "digest": raw.get("digest") or None,
+                    "epoch": _opt_int(raw.get("epoch")),
+                    "staged_version": _opt_int(raw.get("staged_version")),
+                    "last_heartbeat": float(raw["heartbeat"]) if raw.get("heartbeat") else None,
+                    "pid": _opt_int(raw.get("pid")),
+                    "host": raw.get("host") or None,
+                }
+            )
+        return {
+            "active_version": _opt_int(active.get("version")),
+            "epoch": int(active.get("epoch") or 0),
+            "current_epoch": int(epoch or 0),
+            "txn": active.get("txn") or None,
+            "ranks": ranks,
+        }
+
+    def version_ranks(self, version: int) -> list[dict[str, Any]]:
+        """Per-rank states (state, digest, expected_digest, reason) in the version's last
+        transaction; [] when it never reached the ranks."""
+        with _redis_errors():
+            txn_id = self._r.hget(self._keys.version(version), "last_txn")
+            if not txn_id:
+                if not self._r.exists(self._keys.version(version)):
+                    raise NotFound(f"version {version} does not exist")
+                return []
+            record = self.txn(txn_id)
+        return [{"txn": record.id, "kind": record.kind.value, **r} for r in record.ranks]
+
+    def txn(self, txn_id: str) -> TxnRecord:
+        """One transaction's record."""
+        raw = self._r.hgetall(self._keys.txn(txn_id))
+        if not raw:
+            raise NotFound(f"transaction {txn_id} does not exist")
+        return TxnRecord.from_hash(raw)
+
+    def open_txns(self) -> list[TxnRecord]:
+        """Transactions without a final outcome, oldest first."""
+        with _redis_errors():
+            ids = self._r.smembers(self._keys.open_txns)
+            records = []
+            for txn_id in ids:
+                with contextlib.suppress(NotFound):
+                    records.append(self.txn(txn_id))
+        return sorted(records, key=lambda t: t.created_at)
+
+    def previous_committed(self) -> int | None:
+        """The version that was active before the current one and not rolled back from since:
+        the default rollback target, and never pruned."""
+        with _redis_errors():
+            active = self._active_version()
+            seen: set[int] = set()
+            # Read from the end in chunks: the answer is nearly always among the last entries.
+            end = -1
+            while chunk := self._r.lrange(self._keys.active_history, end - _HISTORY_CHUNK + 1, end):
+                for item in reversed(chunk):
+                    version = int(item)
+                    if version == active or version in seen:
+                        continue
+                    seen.add(version)
+                    with contextlib.suppress(NotFound):
+                        if self._versions.get(version).status == _S.SUPERSEDED:
+                            return version
+                if len(chunk) < _HISTORY_CHUNK:
+                    break
+                end -= _HISTORY_CHUNK
+        return None
+
+    def committed_history(self) -> list[int]:
+        """Every version a COMMIT decision made active, in decision order."""
+        with _redis_errors():
+            return [int(v) for v in self._r.lrange(self._keys.active_history, 0, -1)]
+
+    def settle_open(
+        self,
+        *,
+        fence: int,
+        wait: bool,
+        reason: str = "its coordinator stopped before a decision",
+    ) -> list[dict[str, Any]]:
+        """Drive every open transaction to its recorded decision; none recorded: abort.
+
+        Only for a holder of the update lock (`fence`), so no other coordinator is mid-way. With
+        `wait`, waits up to rollout.commit_deadline_s for ranks that still owe a commit ack and
+        raises RolloutAborted if any still does; without, only re-sends the commands.
+        """
+        settled = []
+        with _redis_errors():
+            for record in self.open_txns():
+                if record.state == TxnState.PREPARING:
+                    self._abort(record.id, record.version, record.kind, fence=fence, reason=reason)
+                elif record.state == TxnState.COMMITTING:
+                    pending = {
+                        r["rank"] for r in record.ranks if r["state"] != RankPhase.COMMITTED.value
+                    }
+                    # Ranks that have committed ack a repeated COMMIT again and change nothing.
+                    self._broadcast(record.id, "COMMIT", record.version, record.epoch or 0)
+                    if wait:
+                        acks = self._await(
+                            record.id,
+                            RankPhase.COMMITTED,
+                            pending,
+                            self._settings.rollout.commit_deadline_s,
+                            stop_when_dead=True,
+                        )
+                        if acks.pending:
+                            raise RolloutAborted(
+                                f"transaction {record.id} committed version {record.version} but "
+                                f"rank(s) {_ranks(acks.pending)} have not applied it yet; a new "
+                                "transaction starts once they have"
+                            )
+                log.info("settled transaction %s (%s, version %d)",
+                         record.id, record.state.value, record.version)  # fmt: skip
+                settled.append({"txn": record.id, "version": record.version,
+                                "state": record.state.value})  # fmt: skip
+        return settled
+
+    def prune(self) -> list[int]:
+        """Delete artifacts no rollback can use: failed versions', and committed ones beyond
+        rollout.retention. The active, the previous committed, and in-flight versions stay."""
+        with _redis_errors():
+            stored = self._artifacts.stored_versions()
+            if not stored:
+                return []
+            keep = {v for v in (self._active_version(), self.previous_committed()) if v is not None}
+            removed = []
+            for version in stored:
+                try:
+                    status = self._versions.get(version).status
+                except NotFound:
+                    continue
+                if status in IN_FLIGHT:
+                    keep.add(version)
+                elif status in _FAILED and version not in keep:
+                    self._artifacts.remove(version)
+                    removed.append(version)
+        removed += self._artifacts.prune(keep, self._settings.rollout.retention)
+        if removed:
+            log.info("pruned the artifacts of version(s) %s", _ranks(set(removed)))
+        return sorted(removed)
+
+    def _prune_after_commit(self) -> list[int]:
+        # The commit stands whatever happens here; a failed prune is retried after the next one.
+        try:
+            return self.prune()
+        except (OSError, RedisUnavailable) as exc:
+            log.warning("could not prune artifacts: %s", exc)
+            return []
+
+    # The two phases ------------------------------------------------------------------------
+    def _shards(self, version: int, artifact: dict[str, Any] | None) -> list[dict[str, Any]]:
+        if not artifact or not artifact.get("ranks"):
+            raise Conflict(
+                f"version {version} has no artifact record (its shards were not written)"
+            )
+        if artifact.get("tp_size") != self.tp_size:
+            raise Conflict(
+                f"version {version} was sharded for tp_size {artifact.get('tp_size')}, but "
+                f"ranks.tp_size is {self.tp_size}"
+            )
+        if not self._artifacts.exists(version):
+            raise Conflict(
+                f"the artifacts of version {version} are missing under {self._artifacts.root}"
+            )
+        return sorted(artifact["ranks"], key=lambda s: s["rank"])
+
+    def _run(
+        self, version: int, kind: TxnKind, shards: list[dict[str, Any]], *, fence: int
+    ) -> dict[str, Any]:
+        txn_id = f"v{version}-{secrets.token_hex(4)}"
+        what = "rollout of" if kind == TxnKind.ROLLOUT else "rollback to"
+        expected = {s["rank"]: s["tensor_digest"] for s in shards}
+        t0 = time.perf_counter()
+        if kind == TxnKind.ROLLOUT:
+            may_be, prepared_status = ALLOWED_FROM[_S.PREPARED], _S.PREPARED.value
+        else:
+            may_be, prepared_status = EVER_ACTIVE, ""
+        shards_json = json.dumps(
+            [{k: s[k] for k in ("digest", "tensor_digest", "bytes", "path")} for s in shards]
+        )
+        # Each rank's incarnation as the PREPARE goes out: one that restarts after this may have
+        # missed it, and waiting for its ack would only run out the deadline.
+        instances: dict[int, str] = {}
+        trouble, _ = self._rank_trouble(set(range(self.tp_size)), instances)
+        begin_epoch, from_version = self._scripts[BEGIN](
+            [
+                self._keys.update_lock, self._keys.epoch, self._keys.active,
+                self._keys.txn(txn_id), self._keys.open_txns, self._keys.version(version),
+                self._keys.events, self._keys.rank_commands,
+            ],
+            [
+                fence, txn_id, version, kind.value, repr(time.time()), shards_json, _csv(may_be),
+                prepared_status, EVENTS_MAXLEN, COMMANDS_MAXLEN,
+            ],
+        )  # fmt: skip
+        log.info("%s version %d: transaction %s, epoch %s", what, version, txn_id, begin_epoch)
+        if trouble:
+            # Begun all the same, so that the attempt and its abort are on record.
+            acks = _Acks(last_id="0-0", pending=set(trouble), failure=_why(trouble))
+        else:
+            acks = self._await(
+                txn_id,
+                RankPhase.PREPARED,
+                set(range(self.tp_size)),
+                self._settings.rollout.prepare_deadline_s,
+                expected=expected,
+                instances=instances,
+            )
+        t_prepared = time.perf_counter()
+        if acks.failure is not None:
+            self._abort(txn_id, version, kind, fence=fence, reason=acks.failure)
+            raise RolloutAborted(f"{what} version {version} aborted: {acks.failure}")
+        status = _S.COMMITTED.value
+        (epoch,) = self._decide(
+            txn_id, version, from_version, "COMMIT", fence=fence, reason="",
+            status=status, may_be=ALLOWED_FROM[_S.COMMITTED] & (
+                frozenset({_S.PREPARED}) if kind == TxnKind.ROLLOUT else EVER_ACTIVE),
+            previous_to=(_S.SUPERSEDED if kind == TxnKind.ROLLOUT else _S.ROLLED_BACK).value,
+        )  # fmt: skip
+        log.info("transaction %s: COMMIT at epoch %s", txn_id, epoch)
+        done = self._await(
+            txn_id,
+            RankPhase.COMMITTED,
+            set(range(self.tp_size)),
+            self._settings.rollout.commit_deadline_s,
+            start=acks.last_id,
+            stop_when_dead=True,
+        )
+        t_done = time.perf_counter()
+        if done.pending:
+            log.warning("transaction %s: rank(s) %s have not acked the commit of version %d "
+                        "within %.1fs; they apply it when they next start",
+                        txn_id, _ranks(done.pending), version,
+                        self._settings.rollout.commit_deadline_s)  # fmt: skip
+        return {
+            "version": version,
+            "txn": txn_id,
+            "kind": kind.value,
+            "from_version": int(from_version) if from_version else None,
+            "epoch": int(epoch),
+            "pending_ranks": sorted(done.pending),
+            "pruned": self._prune_after_commit(),
+            "timings": {
+                "prepare_s": t_prepared - t0,
+                "commit_s": t_done - t_prepared,
+                "total_s": t_done - t0,
+            },
+        }
+
+    def _abort(self, txn_id: str, version: int, kind: TxnKind, *, fence: int, reason: str) -> None:
+        rollout = kind == TxnKind.ROLLOUT
+        (epoch,) = self._decide(
+            txn_id,
+            version,
+            self._r.hget(self._keys.txn(txn_id), "from_version") or "",
+            "ABORT",
+            fence=fence,
+            reason=reason,
+            status=_S.ABORTED.value if rollout else "",
+            # Already ABORTED is fine: a pipeline that failed mid-rollout may have marked it, and
+            # this decision (which also tells the ranks to drop what they staged) must still go
+            # through, or the open transaction would block every later update and restart.
+            may_be=ALLOWED_FROM[_S.ABORTED] | {_S.ABORTED} if rollout else frozenset(),
+            previous_to="",
+        )
+        log.warning("transaction %s (version %d): ABORT at epoch %s: %s",
+                    txn_id, version, epoch, reason)  # fmt: skip
+
+    def _decide(
+        self,
+        txn_id: str,
+        version: int,
+        from_version: str,
+        decision: str,
+        *,
+        fence: int,
+        reason: str,
+        status: str,
+        may_be: frozenset[VersionStatus],
+        previous_to: str,
+    ) -> list[Any]:
+        previous_key = self._keys.version(int(from_version) if from_version else version)
+        return self._scripts[DECIDE](
+            [
+                self._keys.update_lock, self._keys.epoch, self._keys.active,
+                self._keys.txn(txn_id), self._keys.version(version), previous_key,
+                self._keys.active_history, self._keys.events, self._keys.rank_commands,
+                self._keys.open_txns, self._keys.txn_acks(txn_id),
+            ],
+            [fence, decision, repr(time.time()), reason, status, _csv(may_be), previous_to,
+             EVENTS_MAXLEN, COMMANDS_MAXLEN],
+        )  # fmt: skip
+
+    def _broadcast(self, txn_id: str, command: str, version: int, epoch: int) -> None:
+        """Append a command for every rank to the ranks' command stream (a re-sent COMMIT)."""
+        fields = {"type": command, "txn": txn_id, "version": version, "epoch": epoch}
+        self._r.xadd(self._keys.rank_commands, fields, maxlen=COMMANDS_MAXLEN, approximate=True)
+
+    def _await(
+        self,
+        txn_id: str,
+        phase: RankPhase,
+        ranks: set[int],
+        deadline_s: float,
+        *,
+        start: str = "0-0",
+        expected: dict[int, str] | None = None,
+        stop_when_dead: bool = False,
+        instances: dict[int, str] | None = None,
+    ) -> _Acks:
+        """Wait for `phase` acks from `ranks` on the transaction's acks stream.
+
+        In the prepare phase (`expected` given) the first FAILED ack, wrong digest, dead or
+        restarted rank (its incarnation differs from `instances`, or from the first look), or
+        the deadline is a failure. In the commit phase nothing fails: the wait ends at the
+        deadline, or early when every rank still owing an ack is dead.
+        """
+        stream = self._keys.txn_acks(txn_id)
+        acks = _Acks(last_id=start, pending=set(ranks))
+        end = time.monotonic() + deadline_s
+        instances = {} if instances is None else instances
+        # The first look comes after one interval: the caller has just looked (before BEGIN), or
+        # (commit phase) nothing hurries.
+        next_check = time.monotonic() + LIVENESS_CHECK_S
+        while acks.pending:
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + LIVENESS_CHECK_S
+                trouble, dead = self._rank_trouble(acks.pending, instances)
+                if trouble and expected is not None:
+                    acks.failure = _why(trouble)
+                    return acks
+                if stop_when_dead and dead == acks.pending:
+                    return acks
+            remaining = end - now
+            if remaining <= 0:
+                if expected is not None:
+                    acks.failure = (
+                        f"rank(s) {_ranks(acks.pending)} did not prepare within "
+                        f"{deadline_s:g}s (rollout.prepare_deadline_s)"
+                    )
+                return acks
+            block_ms = max(1, int(min(remaining, LIVENESS_CHECK_S) * 1000))
+            reply = self._r.xread({stream: acks.last_id}, block=block_ms)
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    acks.last_id = entry_id
+                    rank = int(fields["rank"])
+                    if fields["phase"] == RankPhase.FAILED.value and expected is not None:
+                        acks.failure = f"rank {rank} failed to prepare: {fields['reason']}"
+                        return acks
+                    if fields["phase"] != phase.value or rank not in acks.pending:
+                        continue
+                    if expected is not None and fields["digest"] != expected[rank]:
+                        acks.failure = (
+                            f"rank {rank} staged tensors with digest {fields['digest'][:16]}…, "
+                            f"not the artifact's {expected[rank][:16]}…"
+                        )
+                        return acks
+                    acks.pending.discard(rank)
+        return acks
+
+    def _rank_trouble(
+        self, ranks: set[int], instances: dict[int, str]
+    ) -> tuple[dict[int, str], set[int]]:
+        """Why each of `ranks` cannot answer (unregistered, dead, restarted since the first
+        look), and which of them are dead (no live heartbeat)."""
+        order = sorted(ranks)
+        pipe = self._r.pipeline(transaction=False)
+        for r in order:
+            pipe.exists(self._keys.rank_alive(r))
+            pipe.hget(self._keys.rank(r), "instance")
+        replies = pipe.execute()
+        trouble = {}
+        dead = set()
+        for i, r in enumerate(order):
+            alive, instance = replies[2 * i], replies[2 * i + 1]
+            if not alive:
+                dead.add(r)
+            if instance is None:
+                trouble[r] = f"rank {r} has never registered (is its agent running?)"
+            elif not alive:
+                trouble[r] = (
+                    f"rank {r} is not alive (no heartbeat for "
+                    f"{self._settings.ranks.heartbeat_timeout_s:g}s)"
+                )
+            elif instances.setdefault(r, instance) != instance:
+                trouble[r] = f"rank {r} restarted and lost the transaction's commands"
+        return trouble, dead
+
+    def _active_version(self) -> int | None:
+        return _opt_int(self._r.hget(self._keys.active, "version"))
+
+
+def _opt_int(value: Any) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def _why(trouble: dict[int, str]) -> str:
+    return "; ".join(trouble[r] for r in sorted(trouble))
+
+
+def _ranks(ranks: set[int]) -> str:
+    return ", ".join(str(r) for r in sorted(ranks))

@@ -1,0 +1,244 @@
+"""Where an update's weights come from: a safetensors file or directory under an allowed root, or
+an upload streamed to disk. Safetensors only: nothing is ever unpickled."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from kernels.finite import find_non_finite
+from orchestrator.errors import InvalidUpdate, PayloadTooLarge, SourceNotAllowed
+from orchestrator.state.artifacts import fsync_dir
+from orchestrator.text import some
+
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The safetensors files of one update, in a fixed order."""
+
+    files: tuple[Path, ...]
+
+
+def resolve_path_source(raw: str, allowed_roots: Iterable[Path]) -> WeightFiles:
+    """Check that `raw` lies inside an allowed root (after resolving `..` and symlinks) and
+    names a safetensors file or a directory of them."""
+    roots = [Path(r).expanduser().resolve() for r in allowed_roots]
+    if not roots:
+        raise SourceNotAllowed(
+            "path sources are disabled: no sources.allowed_roots are configured "
+            "(set REFITD_SOURCES__ALLOWED_ROOTS, or upload the safetensors bytes)"
+        )
+    if not raw or "\x00" in raw:
+        raise SourceNotAllowed("source.path is empty or holds a NUL byte")
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise SourceNotAllowed(f"source.path must be absolute, got {raw!r}")
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise SourceNotAllowed(
+            f"source.path {raw!r} resolves to {resolved}, outside every allowed root "
+            f"({', '.join(map(str, roots))})"
+        )
+    try:
+        if not resolved.exists():
+            raise SourceNotAllowed(f"source.path {raw!r} does not exist")
+        if resolved.is_file():
+            return WeightFiles((_check_file(resolved),))
+        return _directory_files(resolved, roots)
+    except OSError as exc:  # a name too long, a directory refitd may not list: the caller's input
+        raise SourceNotAllowed(f"source.path {raw!r} cannot be read: {exc.strerror}") from None
+
+
+def _check_file(path: Path) -> Path:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise SourceNotAllowed(
+            f"{path.name} is a pickle checkpoint, which refitd never loads (it can run code); "
+            "convert it to safetensors first (safetensors.torch.save_file(state_dict, path))"
+        )
+    if path.suffix.lower() != ".safetensors":
+        raise SourceNotAllowed(f"{path.name} is not a .safetensors file")
+    return path
+
+
+def _directory_files(directory: Path, roots: list[Path]) -> WeightFiles:
+    index = directory / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidUpdate(f"{INDEX_NAME} is not a valid index: {exc}") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and "\x00" not in v and "/" not in v
+            for v in weight_map.values()
+        ):
+            raise InvalidUpdate(
+                f"{INDEX_NAME}: weight_map must map tensor names to file names in its directory"
+            )
+        files = []
+        for name in sorted(set(weight_map.values())):
+            f = (directory / name).resolve()
+            if not any(f.is_relative_to(root) for root in roots) or f.parent != directory:
+                raise SourceNotAllowed(f"{INDEX_NAME} names {name!r} outside {directory}")
+            if not f.is_file():
+                raise InvalidUpdate(f"{INDEX_NAME} names {name!r}, which does not exist")
+            files.append(_check_file(f))
+        return WeightFiles(tuple(files))
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() == ".safetensors")
+    if not files:
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            _check_file(directory / pickles[0])
+        raise InvalidUpdate(f"{directory} holds no .safetensors file")
+    for f in files:
+        if not any(f.resolve().is_relative_to(root) for root in roots):
+            raise SourceNotAllowed(f"{f.name} in {directory} links outside every allowed root")
+    return WeightFiles(tuple(files))
+
+
+def inspect_files(source: WeightFiles, *, max_tensors: int) -> dict[str, tuple[str, list[int]]]:
+    """Validate every header (offsets, coverage, dtypes) and return {name: (dtype, shape)}.
+
+    No tensor data is read; a lying or truncated file is refused here, before any work.
+    """
+    found: dict[str, tuple[str, list[int]]] = {}
+    for path in source.files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    if name in found:
+                        raise InvalidUpdate(f"tensor {name!r} appears in more than one file")
+                    sl = f.get_slice(name)
+                    found[name] = (sl.get_dtype(), list(sl.get_shape()))
+                    if len(found) > max_tensors:
+                        raise PayloadTooLarge(
+                            f"the update holds more than limits.max_tensors={max_tensors} tensors"
+                        )
+        except SafetensorError as exc:
+            if _looks_pickled(path):
+                raise InvalidUpdate(
+                    f"{path.name} holds a pickle checkpoint (torch.save), which refitd never loads "
+                    "(it can run code); convert it to safetensors first "
+                    "(safetensors.torch.save_file(state_dict, path))"
+                ) from None
+            raise InvalidUpdate(f"{path.name} is not a valid safetensors file: {exc}") from None
+        except OSError as exc:
+            raise InvalidUpdate(f"{path.name} cannot be read: {exc}") from None
+    if not found:
+        raise InvalidUpdate("the update holds no tensors")
+    return found
+
+
+def _looks_pickled(path: Path) -> bool:
+    """Whether a file that is not safetensors starts like torch.save's output: a zip archive, or
+    (before torch 1.6) a bare pickle stream (PROTO opcode, protocol 2 to 5). Nothing is loaded."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def load_tensors(source: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from every file; headers were already checked by inspect_files."""
+    for path in source.files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    yield name, f.get_tensor(name)
+        except SafetensorError as exc:
+            raise InvalidUpdate(f"{path.name} is not a valid safetensors file: {exc}") from None
+
+
+class UploadSink:
+    """Streams an upload to a file under the data directory, hashing as it goes, within a limit."""
+
+    def __init__(self, directory: Path, name: str, *, max_bytes: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{name}.safetensors"
+        self._partial = directory / f".{name}.partial"
+        self._file = self._partial.open("wb")
+        self._hash = hashlib.sha256()
+        self._max = max_bytes
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self._max:
+            self.discard()
+            raise PayloadTooLarge(
+                f"the upload exceeds limits.max_upload_bytes={self._max} bytes; "
+                "put the files under an allowed root and send a path source instead"
+            )
+        self._hash.update(chunk)
+        self._file.write(chunk)
+
+    def finish(self) -> str:
+        """fsync, move into place, and return the sha256 of the bytes."""
+        if self.size == 0:
+            self.discard()
+            raise InvalidUpdate("the upload is empty; send the bytes of a .safetensors file")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._partial.replace(self.path)
+        fsync_dir(self.path.parent)  # the 202 promises the bytes survive a crash
+        return self._hash.hexdigest()
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._partial.unlink(missing_ok=True)
+
+
+# safetensors' dtype names of the float formats an update may carry.
+UPDATE_DTYPE_NAMES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def check_header(
+    header: dict[str, tuple[str, list[int]]],
+    expected: dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]],
+) -> None:
+    """Refuse an update whose tensor names, shapes or dtypes (from its headers) differ from the
+    model's. One InvalidUpdate lists every problem, naming the tensors."""
+    problems = []
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    if missing:
+        problems.append(f"missing tensors: {some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {some(unexpected)}")
+    shapes = [
+        f"{name} has shape {list(shape)}, expected {list(expected[name][0])}"
+        for name, (_, shape) in sorted(header.items())
+        if name in expected and tuple(shape) != tuple(expected[name][0])
+    ]
+    dtypes = [
+        f"{name} is {dtype}, expected one of bf16, fp16, fp32"
+        for name, (dtype, _) in sorted(header.items())
+        if name in expected and UPDATE_DTYPE_NAMES.get(dtype) not in expected[name][1]
+    ]
+    if shapes:
+        problems.append("wrong shapes: " + some(shapes))
+    if dtypes:
+        problems.append("wrong dtypes: " + some(dtypes))
+    if problems:
+        raise InvalidUpdate("; ".join(problems))
+
+
+def scan_non_finite(source: WeightFiles) -> None:
+    """One streaming pass over every tensor: refuse the update if any holds NaN or Inf, or a
+    value that overflows bf16 (the quantizers' first step), so none reaches a rank."""
+    bad = [name for name, tensor in load_tensors(source) if find_non_finite({name: tensor})]
+    if bad:
+        raise InvalidUpdate(f"NaN or Inf in {some(bad)}; nothing was applied")
