@@ -61,6 +61,14 @@ class RankSettings(_Section):
     restart_backoff_s: float = Field(0.5, ge=0)
     fetch: Literal["auto", "path", "http"] = "auto"
     artifact_url: str | None = None
+    transport: Literal["auto", "ipc", "http"] = "auto"
+    keep_previous: bool = True
+
+
+class DataPathSettings(_Section):
+    staging_bucket_mb: int = Field(64, ge=1, le=4096)
+    staging_buckets: int = Field(4, ge=2, le=64)
+    reader_threads: int = Field(8, ge=1, le=64)
 
 
 class SourceSettings(_Section):
@@ -129,6 +137,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     ranks: RankSettings = Field(default_factory=RankSettings)
     sources: SourceSettings = Field(default_factory=SourceSettings)
+    data_path: DataPathSettings = Field(default_factory=DataPathSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
     verification: VerificationSettings = Field(default_factory=VerificationSettings)

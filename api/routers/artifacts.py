@@ -25,8 +25,8 @@ class ShardResponse(FileResponse):
 async def get_shard(version: int, rank: int, core: Core, _: Reader) -> ShardResponse:
     """Stream rank `rank`'s safetensors shard of `version`. Needs the trainer or admin token.
 
-    Headers `X-Refitd-Digest` (sha256 of the file) and `X-Refitd-Tensor-Digest` let the caller
-    check what it received; rank agents check both sizes and the file digest before staging.
+    Header `X-Refitd-Sha256` is the file's sha256 as written; rank agents stream the file into
+    place and check the version's digest on the device before staging.
     """
     store = core.artifacts
     entry = await run_in_threadpool(store.shard_info, version, rank)
@@ -37,8 +37,5 @@ async def get_shard(version: int, rank: int, core: Core, _: Reader) -> ShardResp
         path,
         media_type="application/octet-stream",
         filename=path.name,
-        headers={
-            "X-Refitd-Digest": entry["digest"],
-            "X-Refitd-Tensor-Digest": entry["tensor_digest"],
-        },
+        headers={"X-Refitd-Sha256": entry["sha256"]},
     )

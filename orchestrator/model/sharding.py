@@ -55,30 +55,37 @@ def quantize_state(state: Mapping[str, torch.Tensor], plan: ModelPlan) -> dict[s
     return out
 
 
-def shard_state(
+def shard_views(
     quantized: Mapping[str, torch.Tensor], plan: ModelPlan
 ) -> list[dict[str, torch.Tensor]]:
-    """Cut a quantized model (from `quantize_state`) into one dict per rank, on the CPU.
+    """Cut a quantized model (from `quantize_state`) into one dict per rank, on its device.
 
-    Every tensor is contiguous and owns exactly its bytes, ready for safetensors or torch.save;
-    a tensor every rank holds whole is the same CPU tensor in every dict.
+    A rank's piece is a view into the whole tensor where it is one slice, and a device copy
+    where it gathers several (fused parts, replicated kv heads); nothing reaches the host. A
+    tensor every rank holds whole is the same tensor in every dict.
     """
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(plan.tp_size)]
-    pieces: list[tuple[int | None, str, torch.Tensor]] = []
     for t in plan.tensors.values():
         for name, dim, ranges in _layouts(t):
             tensor = quantized[name]
-            if dim is None:
-                pieces.append((None, name, tensor))
-            else:
-                pieces.extend(
-                    (rank, name, _gather(tensor, dim, ranges[rank])) for rank in range(plan.tp_size)
-                )
-    on_cpu = _all_to_cpu([piece for _, _, piece in pieces])
-    for (rank, name, _), tensor in zip(pieces, on_cpu, strict=True):
-        for shard in shards if rank is None else [shards[rank]]:
-            shard[name] = tensor
+            for rank, shard in enumerate(shards):
+                shard[name] = tensor if dim is None else _gather(tensor, dim, ranges[rank])
     return shards
+
+
+def shard_state(
+    quantized: Mapping[str, torch.Tensor], plan: ModelPlan
+) -> list[dict[str, torch.Tensor]]:
+    """`shard_views`, then every tensor on the CPU, contiguous and owning exactly its bytes
+    (for tests and tools that save shards one tensor at a time; the daemon packs the views
+    into one flat buffer per rank instead)."""
+    views = shard_views(quantized, plan)
+    unique: dict[int, torch.Tensor] = {}
+    for shard in views:
+        for tensor in shard.values():
+            unique.setdefault(id(tensor), tensor)
+    on_cpu = dict(zip(unique, _all_to_cpu(list(unique.values())), strict=True))
+    return [{name: on_cpu[id(t)] for name, t in shard.items()} for shard in views]
 
 
 def quantize_and_shard(

@@ -1,17 +1,28 @@
 """The seam between a rank agent and the engine that serves on its GPU.
 
-A rank agent hands an adapter the tensors of its shard; the adapter stages them next to what it
-serves, swaps them in on commit, and reports a digest of what it actually holds (computed from
-the held tensors with orchestrator.state.artifacts.tensor_digest, so it compares with the artifact's
-`tensor_digest`). Adapters for SGLang and vLLM implement the same four methods.
+The agent owns staging: it receives a shard into a flat buffer of its own, checks its digest,
+and keeps the previous version resident for rollback. The engine is told only at COMMIT, after
+the decision, with the tensors it must now serve (views into the agent's buffer, valid until the
+agent's next COMMIT replaces them). So the seam is one call, shaped for engines that update in
+place:
+
+- the built-in `InMemoryAdapter` serves straight from the agent's buffers (no copy);
+- vLLM: `apply` would copy in place through the weight loader, e.g.
+  `llm.collective_rpc("reload_weights", ...)` / `model.load_weights(iter(tensors.items()))`,
+  bracketed by its weight-transfer start/update/finish calls in buckets;
+- SGLang: `engine.update_weights_from_tensor(named_tensors=list(tensors.items()),
+  flush_cache=True)` with `weight_version=str(version)`, in flattened buckets.
+An in-place engine copies (HBM-to-HBM, milliseconds for an 8B shard), so the agent's buffers
+stay the source of truth for rollback, and a failed apply is reported by the agent, which loads
+the active version again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from orchestrator.errors import ConfigError
-from orchestrator.state.artifacts import tensor_digest
 
 if TYPE_CHECKING:
     import torch
@@ -20,22 +31,13 @@ if TYPE_CHECKING:
 class EngineAdapter(Protocol):
     """What a rank agent needs from an engine."""
 
-    def stage(self, version: int, tensors: dict[str, torch.Tensor]) -> str:
-        """Hold `tensors` beside the active ones (replacing any staged); return their digest."""
-
-    def commit(self, version: int) -> str:
-        """Make the staged `version` the active one; return the digest of what is now held."""
-
-    def discard(self) -> None:
-        """Drop the staged tensors, if any."""
+    def apply(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Serve `tensors` as `version` from now on (called once per commit, after the
+        decision; the tensors stay valid until the next apply)."""
 
     @property
-    def staged_version(self) -> int | None:
-        """The version staged, if any."""
-
-    @property
-    def active_version(self) -> int | None:
-        """The version held as active, if any."""
+    def served_version(self) -> int | None:
+        """The version the engine serves, if any."""
 
 
 def resolve_device(setting: str, rank: int) -> str:
@@ -55,57 +57,25 @@ def resolve_device(setting: str, rank: int) -> str:
 
 
 class InMemoryAdapter:
-    """The built-in engine: keeps the active shard and at most one staged shard on a device."""
+    """The built-in engine: serves the agent's own buffers, zero-copy."""
 
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self._active: dict[str, torch.Tensor] | None = None
-        self._active_version: int | None = None
-        self._active_digest: str | None = None
-        self._staged: dict[str, torch.Tensor] | None = None
-        self._staged_version: int | None = None
-        self._staged_digest: str | None = None
+    def __init__(self) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._version: int | None = None
 
-    def stage(self, version: int, tensors: dict[str, torch.Tensor]) -> str:
-        # Free the previous staged copy before allocating the next, so peak memory is
-        # active + one staged shard.
-        self.discard()
-        held = {name: t.to(self.device) for name, t in tensors.items()}
-        digest = tensor_digest(held)
-        self._staged, self._staged_version, self._staged_digest = held, version, digest
-        return digest
-
-    def commit(self, version: int) -> str:
-        if self._staged is None or self._staged_version != version:
-            raise AssertionError(
-                f"version {version} is not staged (staged: {self._staged_version})"
-            )
-        self._active, self._active_version = self._staged, self._staged_version
-        self._active_digest = self._staged_digest
-        self._staged = self._staged_version = self._staged_digest = None
-        assert self._active_digest is not None
-        return self._active_digest
-
-    def discard(self) -> None:
-        self._staged = self._staged_version = self._staged_digest = None
+    def apply(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = dict(tensors)
+        self._version = version
 
     @property
-    def staged_version(self) -> int | None:
-        return self._staged_version
-
-    @property
-    def active_version(self) -> int | None:
-        return self._active_version
+    def served_version(self) -> int | None:
+        return self._version
 
     def held(self) -> dict[str, torch.Tensor]:
-        """The active tensors (empty before the first commit)."""
-        return dict(self._active or {})
-
-    def held_digest(self) -> str:
-        """Recompute the digest of the active tensors from memory."""
-        return tensor_digest(self._active or {})
+        """The tensors served now (empty before the first commit)."""
+        return dict(self._tensors)
 
 
-def make_adapter(device_setting: str, rank: int) -> EngineAdapter:
+def make_adapter() -> EngineAdapter:
     """The adapter a rank agent uses; the built-in in-memory one for now."""
-    return InMemoryAdapter(resolve_device(device_setting, rank))
+    return InMemoryAdapter()

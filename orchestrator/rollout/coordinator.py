@@ -2,8 +2,10 @@
 
 A rollout (or rollback) runs under the update lock, whose fence every mutating script checks:
 1. BEGIN records the transaction and the epoch it starts at, moves the version to PREPARED, and
-   sends PREPARE to the ranks' command stream, in one script. Each rank fetches its shard,
-   checks the file digest, stages it, and acks PREPARED with the tensor digest of what it staged
+   sends PREPARE to the ranks' command stream, in one script. The PREPARE names, per rank, the
+   route its shard takes (rollout/routes.py: CUDA IPC or shared memory from the daemon's own
+   buffers, the rank's resident previous version, or the stored artifact). Each rank receives
+   its shard, checks its digest on the device, stages it, and acks PREPARED with that digest
    (txn.ACK).
 2. DECIDE records COMMIT (all ranks prepared with the expected digests) or ABORT (a rank failed,
    died, restarted, or missed rollout.prepare_deadline_s) together with the new active version,
@@ -22,9 +24,9 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -35,6 +37,7 @@ from orchestrator.errors import (
     RedisUnavailable,
     RolloutAborted,
 )
+from orchestrator.rollout.routes import Routes
 from orchestrator.rollout.txn import (
     BEGIN,
     DECIDE,
@@ -47,7 +50,18 @@ from orchestrator.settings import Settings
 from orchestrator.state.artifacts import ArtifactStore
 from orchestrator.state.keys import Keys
 from orchestrator.state.lua import ScriptRegistry
-from orchestrator.state.versions import ALLOWED_FROM, EVENTS_MAXLEN, VersionStatus, VersionStore
+from orchestrator.state.versions import (
+    ALLOWED_FROM,
+    EVENTS_MAXLEN,
+    EVER_ACTIVE,
+    FINAL_FAILURES,
+    IN_FLIGHT,
+    VersionStatus,
+    VersionStore,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.data.flat import FlatShard
 
 log = logging.getLogger("refitd.coordinator")
 
@@ -61,9 +75,6 @@ LIVENESS_CHECK_S = 0.1
 _HISTORY_CHUNK = 64
 
 _S = VersionStatus
-IN_FLIGHT = frozenset({_S.RECEIVED, _S.QUANTIZED, _S.VERIFIED, _S.PREPARED})
-EVER_ACTIVE = frozenset({_S.SUPERSEDED, _S.ROLLED_BACK})
-_FAILED = frozenset({_S.REJECTED, _S.ABORTED})
 
 
 def _csv(statuses: frozenset[VersionStatus]) -> str:
@@ -105,10 +116,17 @@ class Coordinator:
         self._artifacts = artifacts
         self._scripts = ScriptRegistry(client)
         self.tp_size = settings.ranks.tp_size
+        self.routes = Routes(client, keys, settings, artifacts)
 
     # Public API ----------------------------------------------------------------------------
-    def rollout(self, version: int, *, fence: int) -> dict[str, Any]:
-        """Switch every rank to `version` (QUANTIZED or VERIFIED, artifacts written), or none.
+    def rollout(
+        self, version: int, *, fence: int, shards: Sequence[FlatShard] | None = None
+    ) -> dict[str, Any]:
+        """Switch every rank to `version` (QUANTIZED or VERIFIED, its layout recorded), or none.
+
+        `shards`: the version's per-rank buffers in this process (the pipeline's); ranks on this
+        host receive them by CUDA IPC or shared memory, the others from the artifact, which must
+        then be durable. Without them, every rank loads the artifact (or its resident copy).
 
         Returns {"version", "txn", "kind", "from_version", "epoch", "pending_ranks", "pruned",
         "timings": {"prepare_s", "commit_s", "total_s"}}. `pending_ranks` lists ranks that had
@@ -126,14 +144,15 @@ class Coordinator:
                 )
             try:
                 self.settle_open(fence=fence, wait=True)
-                shards = self._shards(version, record.artifact)
+                routes = self.routes.plan(version, record, shards)
             except FencedOut:
                 raise
             except (Conflict, RolloutAborted) as exc:
                 reason = exc.message
                 self._versions.transition(version, _S.ABORTED, reason=reason)
                 raise RolloutAborted(f"rollout of version {version} aborted: {reason}") from None
-            return self._run(version, TxnKind.ROLLOUT, shards, fence=fence)
+            with routes:
+                return self._run(version, TxnKind.ROLLOUT, routes.entries, fence=fence)
 
     def rollback(self, to_version: int | None = None, *, fence: int) -> dict[str, Any]:
         """Switch every rank back to `to_version` (default: the previous committed version).
@@ -144,7 +163,7 @@ class Coordinator:
         Returns what rollout() returns; raises RolloutAborted if a rank fails to prepare.
         """
         with _redis_errors():
-            active = self._active_version()
+            active = self.active_version()
             if active is None:
                 raise Conflict("no version is active, so there is nothing to roll back")
             if to_version is None:
@@ -164,15 +183,32 @@ class Coordinator:
                     f"version {target} is {record.status.value}; only a version that was active "
                     "before (SUPERSEDED or ROLLED_BACK) can be rolled back to"
                 )
-            if not self._artifacts.exists(target):
-                raise Conflict(
-                    f"the artifacts of version {target} were pruned (rollout.retention keeps "
-                    f"{self._settings.rollout.retention} committed versions), so it can no "
-                    "longer be rolled back to"
-                )
             self.settle_open(fence=fence, wait=True)
-            shards = self._shards(target, record.artifact)
-            return self._run(target, TxnKind.ROLLBACK, shards, fence=fence)
+            with self.routes.plan(target, record, None) as routes:
+                return self._run(target, TxnKind.ROLLBACK, routes.entries, fence=fence)
+
+    def restore(self, target: int, *, fence: int, reason: str) -> dict[str, Any]:
+        """Recovery's rollback: make `target` (a version that was active, with a durable
+        artifact) the active version again without waiting for the ranks, and record `reason`
+        on the version rolled back from. PREPARE and COMMIT go to the ranks as usual; a rank
+        that is down loads the active version when it starts, as always."""
+        with _redis_errors():
+            record = self._versions.get(target)
+            if record.status not in EVER_ACTIVE:
+                raise Conflict(f"version {target} is {record.status.value}; cannot restore it")
+            with self.routes.plan(target, record, None) as routes:
+                txn_id = f"v{target}-{secrets.token_hex(4)}"
+                self._begin(txn_id, target, TxnKind.ROLLBACK, routes.entries, fence=fence)
+                from_version = self._r.hget(self._keys.txn(txn_id), "from_version") or ""
+                (epoch,) = self._decide(
+                    txn_id, target, from_version, "COMMIT", fence=fence, reason=reason,
+                    status=_S.COMMITTED.value, may_be=EVER_ACTIVE,
+                    previous_to=_S.ROLLED_BACK.value, restore=True,
+                )  # fmt: skip
+        log.warning("transaction %s: restored version %d at epoch %s: %s",
+                    txn_id, target, epoch, reason)  # fmt: skip
+        return {"version": target, "txn": txn_id, "epoch": int(epoch),
+                "from_version": int(from_version) if from_version else None}  # fmt: skip
 
     def active(self) -> dict[str, Any]:
         """The active version, the epoch that made it so, and what every rank holds."""
@@ -197,7 +233,8 @@ class Coordinator:
                     "digest": raw.get("digest") or None,
                     "epoch": _opt_int(raw.get("epoch")),
                     "staged_version": _opt_int(raw.get("staged_version")),
-                    "last_heartbeat": float(raw["heartbeat"]) if raw.get("heartbeat") else None,
+                    "previous_version": _opt_int(raw.get("previous_version")),
+                    "device": raw.get("device") or None,
                     "pid": _opt_int(raw.get("pid")),
                     "host": raw.get("host") or None,
                 }
@@ -243,7 +280,7 @@ class Coordinator:
         """The version that was active before the current one and not rolled back from since:
         the default rollback target, and never pruned."""
         with _redis_errors():
-            active = self._active_version()
+            active = self.active_version()
             seen: set[int] = set()
             # Read from the end in chunks: the answer is nearly always among the last entries.
             end = -1
@@ -317,7 +354,7 @@ class Coordinator:
             stored = self._artifacts.stored_versions()
             if not stored:
                 return []
-            keep = {v for v in (self._active_version(), self.previous_committed()) if v is not None}
+            keep = {v for v in (self.active_version(), self.previous_committed()) if v is not None}
             removed = []
             for version in stored:
                 try:
@@ -326,7 +363,7 @@ class Coordinator:
                     continue
                 if status in IN_FLIGHT:
                     keep.add(version)
-                elif status in _FAILED and version not in keep:
+                elif status in FINAL_FAILURES and version not in keep:
                     self._artifacts.remove(version)
                     removed.append(version)
         removed += self._artifacts.prune(keep, self._settings.rollout.retention)
@@ -343,51 +380,18 @@ class Coordinator:
             return []
 
     # The two phases ------------------------------------------------------------------------
-    def _shards(self, version: int, artifact: dict[str, Any] | None) -> list[dict[str, Any]]:
-        if not artifact or not artifact.get("ranks"):
-            raise Conflict(
-                f"version {version} has no artifact record (its shards were not written)"
-            )
-        if artifact.get("tp_size") != self.tp_size:
-            raise Conflict(
-                f"version {version} was sharded for tp_size {artifact.get('tp_size')}, but "
-                f"ranks.tp_size is {self.tp_size}"
-            )
-        if not self._artifacts.exists(version):
-            raise Conflict(
-                f"the artifacts of version {version} are missing under {self._artifacts.root}"
-            )
-        return sorted(artifact["ranks"], key=lambda s: s["rank"])
-
     def _run(
         self, version: int, kind: TxnKind, shards: list[dict[str, Any]], *, fence: int
     ) -> dict[str, Any]:
         txn_id = f"v{version}-{secrets.token_hex(4)}"
         what = "rollout of" if kind == TxnKind.ROLLOUT else "rollback to"
-        expected = {s["rank"]: s["tensor_digest"] for s in shards}
+        expected = {r: s["digest"] for r, s in enumerate(shards)}
         t0 = time.perf_counter()
-        if kind == TxnKind.ROLLOUT:
-            may_be, prepared_status = ALLOWED_FROM[_S.PREPARED], _S.PREPARED.value
-        else:
-            may_be, prepared_status = EVER_ACTIVE, ""
-        shards_json = json.dumps(
-            [{k: s[k] for k in ("digest", "tensor_digest", "bytes", "path")} for s in shards]
-        )
         # Each rank's incarnation as the PREPARE goes out: one that restarts after this may have
         # missed it, and waiting for its ack would only run out the deadline.
         instances: dict[int, str] = {}
         trouble, _ = self._rank_trouble(set(range(self.tp_size)), instances)
-        begin_epoch, from_version = self._scripts[BEGIN](
-            [
-                self._keys.update_lock, self._keys.epoch, self._keys.active,
-                self._keys.txn(txn_id), self._keys.open_txns, self._keys.version(version),
-                self._keys.events, self._keys.rank_commands,
-            ],
-            [
-                fence, txn_id, version, kind.value, repr(time.time()), shards_json, _csv(may_be),
-                prepared_status, EVENTS_MAXLEN, COMMANDS_MAXLEN,
-            ],
-        )  # fmt: skip
+        begin_epoch, from_version = self._begin(txn_id, version, kind, shards, fence=fence)
         log.info("%s version %d: transaction %s, epoch %s", what, version, txn_id, begin_epoch)
         if trouble:
             # Begun all the same, so that the attempt and its abort are on record.
@@ -442,6 +446,26 @@ class Coordinator:
             },
         }
 
+    def _begin(
+        self, txn_id: str, version: int, kind: TxnKind, shards: list[dict[str, Any]], *, fence: int
+    ) -> tuple[str, str]:
+        if kind == TxnKind.ROLLOUT:
+            may_be, prepared_status = ALLOWED_FROM[_S.PREPARED], _S.PREPARED.value
+        else:
+            may_be, prepared_status = EVER_ACTIVE, ""
+        begin_epoch, from_version = self._scripts[BEGIN](
+            [
+                self._keys.update_lock, self._keys.epoch, self._keys.active,
+                self._keys.txn(txn_id), self._keys.open_txns, self._keys.version(version),
+                self._keys.events, self._keys.rank_commands,
+            ],
+            [
+                fence, txn_id, version, kind.value, repr(time.time()), json.dumps(shards),
+                _csv(may_be), prepared_status, EVENTS_MAXLEN, COMMANDS_MAXLEN,
+            ],
+        )  # fmt: skip
+        return begin_epoch, from_version
+
     def _abort(self, txn_id: str, version: int, kind: TxnKind, *, fence: int, reason: str) -> None:
         rollout = kind == TxnKind.ROLLOUT
         (epoch,) = self._decide(
@@ -473,6 +497,7 @@ class Coordinator:
         status: str,
         may_be: frozenset[VersionStatus],
         previous_to: str,
+        restore: bool = False,
     ) -> list[Any]:
         previous_key = self._keys.version(int(from_version) if from_version else version)
         return self._scripts[DECIDE](
@@ -483,7 +508,7 @@ class Coordinator:
                 self._keys.open_txns, self._keys.txn_acks(txn_id),
             ],
             [fence, decision, repr(time.time()), reason, status, _csv(may_be), previous_to,
-             EVENTS_MAXLEN, COMMANDS_MAXLEN],
+             EVENTS_MAXLEN, COMMANDS_MAXLEN, "1" if restore else ""],
         )  # fmt: skip
 
     def _broadcast(self, txn_id: str, command: str, version: int, epoch: int) -> None:
@@ -548,8 +573,8 @@ class Coordinator:
                         continue
                     if expected is not None and fields["digest"] != expected[rank]:
                         acks.failure = (
-                            f"rank {rank} staged tensors with digest {fields['digest'][:16]}…, "
-                            f"not the artifact's {expected[rank][:16]}…"
+                            f"rank {rank} staged a shard with digest {fields['digest'][:16]}…, "
+                            f"not the version's {expected[rank][:16]}…"
                         )
                         return acks
                     acks.pending.discard(rank)
@@ -583,7 +608,8 @@ class Coordinator:
                 trouble[r] = f"rank {r} restarted and lost the transaction's commands"
         return trouble, dead
 
-    def _active_version(self) -> int | None:
+    def active_version(self) -> int | None:
+        """The active version, as the last decision recorded it."""
         return _opt_int(self._r.hget(self._keys.active, "version"))
 
 

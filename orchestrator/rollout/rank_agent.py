@@ -2,31 +2,32 @@
 
 Life of an agent:
 1. Register in its rank hash with a fresh `instance` token (so the coordinator can tell a
-   restarted agent from the one it sent commands to) and start heartbeating: a key that expires
-   after ranks.heartbeat_timeout_s, refreshed every ranks.heartbeat_interval_s.
-2. Note the end of the ranks' command stream, then load the active version (so a restarted rank
-   serves the active version, never a staged or an older one) and ack the commit that made it
-   active. Commands that came before step 2 were for the previous incarnation and are skipped.
+   restarted agent from the one it sent commands to), its host and device, and start its
+   heartbeat process (rollout/heartbeat.py: a key that expires after ranks.heartbeat_timeout_s,
+   refreshed every ranks.heartbeat_interval_s, from a process the agent's own work cannot starve).
+2. Note the end of the ranks' command stream, then load the active version from its artifact
+   (so a restarted rank serves the active version, never a staged or an older one; if that
+   artifact is not durable yet, it waits for it) and ack the commit that made it active.
+   Commands that came before step 2 were for the previous incarnation and are skipped.
 3. Serve commands from the stream, in order:
    - PREPARE: refused if its epoch is older than the current epoch (its transaction was decided
-     while this agent was stopped or slow). Else fetch this rank's shard (the daemon's file when
-     readable, or GET /artifacts/V/R, per ranks.fetch), check size and sha256 of the bytes, stage
-     them through the adapter, and ack PREPARED with the tensor digest of what is staged. The ack
-     script refuses it, too, if a decision happened meanwhile; the staged shard is then dropped.
-   - COMMIT: refused if its epoch is older than that of the version held. Swap the staged shard
-     in (or load the version, if this agent restarted after preparing), ack COMMITTED. Repeats are
-     acked again and change nothing.
+     while this agent was stopped or slow). Else receive this rank's shard by the route the
+     command names (rollout/receive.py: CUDA IPC, shared memory, the resident previous version,
+     or the artifact), check its digest on the device, stage it, and ack PREPARED with that
+     digest. The ack script refuses it, too, if a decision happened meanwhile; the staged shard
+     is then dropped.
+   - COMMIT: refused if its epoch is older than that of the version held. The staged shard
+     becomes active (the active one stays resident as the previous version) and the engine is
+     told (adapters.py); or the version is loaded from its artifact, if this agent restarted
+     after preparing. Ack COMMITTED. Repeats are acked again and change nothing.
    - ABORT: drop the staged shard of that transaction.
-A command that fails on a Redis outage is retried until Redis answers again.
-
-torch, safetensors and httpx are imported after registration, so the agent is visible (and
-heartbeating) at once.
+A command that fails on a Redis outage is retried until Redis answers again (logged once per
+outage).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +38,6 @@ import sys
 import threading
 import time
 from enum import StrEnum
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -46,11 +46,11 @@ import redis
 from orchestrator.errors import (
     ConfigError,
     FencedOut,
-    InvalidUpdate,
     NotFound,
     RefitError,
     StaleTransition,
 )
+from orchestrator.rollout.heartbeat import Heartbeat
 from orchestrator.rollout.txn import ACK, RankPhase
 from orchestrator.settings import Settings
 from orchestrator.state.keys import Keys
@@ -59,9 +59,9 @@ from orchestrator.state.redis_client import connect
 from orchestrator.state.versions import EVENTS_MAXLEN
 
 if TYPE_CHECKING:
-    import httpx
-
     from orchestrator.rollout.adapters import EngineAdapter
+    from orchestrator.rollout.receive import Receiver
+    from orchestrator.rollout.slots import Held, ShardSlots
 
 log = logging.getLogger("refitd.rank")
 
@@ -81,77 +81,6 @@ class RankState(StrEnum):
     STOPPED = "STOPPED"
 
 
-def artifact_base_url(settings: Settings) -> str:
-    """Where the daemon serves shards: ranks.artifact_url, else its own listen address."""
-    if settings.ranks.artifact_url:
-        return settings.ranks.artifact_url.rstrip("/")
-    host = settings.server.host
-    # A daemon listening on every address is reached on loopback from its own host.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.server.port}"
-
-
-def _bearer(settings: Settings) -> dict[str, str]:
-    token = settings.auth.trainer_token or settings.auth.admin_token
-    return {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
-
-
-def fetch_shard(
-    settings: Settings,
-    version: int,
-    rank: int,
-    entry: dict[str, Any],
-    *,
-    http: httpx.Client | None = None,
-) -> bytes:
-    """One rank's shard bytes of `version`, checked against the artifact record `entry`
-    (`path`, `bytes`, `digest`). Reads the file when ranks.fetch allows and it is readable, else
-    GETs it from the daemon. Raises InvalidUpdate when size or digest differ."""
-    path = Path(entry["path"])
-    mode = settings.ranks.fetch
-    if mode == "path" or (mode == "auto" and os.access(path, os.R_OK)):
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise NotFound(f"shard file {path} does not exist") from None
-        source = str(path)
-    else:
-        data = _http_get(settings, version, rank, http)
-        source = f"{artifact_base_url(settings)}/artifacts/{version}/{rank}"
-    if len(data) != entry["bytes"]:
-        raise InvalidUpdate(
-            f"shard of version {version} for rank {rank} from {source} has {len(data)} bytes, "
-            f"the artifact {entry['bytes']}"
-        )
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["digest"]:
-        raise InvalidUpdate(
-            f"shard of version {version} for rank {rank} from {source} has sha256 "
-            f"{digest[:16]}…, the artifact {entry['digest'][:16]}…"
-        )
-    return data
-
-
-def _http_get(settings: Settings, version: int, rank: int, http: httpx.Client | None) -> bytes:
-    import httpx
-
-    url = f"{artifact_base_url(settings)}/artifacts/{version}/{rank}"
-    client = http or httpx.Client(timeout=settings.rollout.prepare_deadline_s)
-    try:
-        with client.stream("GET", url, headers=_bearer(settings)) as response:
-            if response.status_code != 200:
-                response.read()
-                raise RefitError(f"GET {url} answered {response.status_code}: {response.text}")
-            return b"".join(response.iter_bytes())
-    except httpx.HTTPError as exc:
-        raise RefitError(f"GET {url} failed: {exc}") from None
-    finally:
-        if http is None:
-            client.close()
-
-
 class RankAgent:
     """One TP rank's agent. `run()` serves until SIGTERM/SIGINT (or `stop()`)."""
 
@@ -166,42 +95,55 @@ class RankAgent:
         self.keys = Keys(settings.redis.key_prefix)
         self.instance = secrets.token_hex(8)
         self.epoch = 0
-        self.digest = ""
         self.staged_txn: str | None = None
         self._stop = threading.Event()
         self._adapter: EngineAdapter | None = None
-        self._http: httpx.Client | None = None
+        self._slots: ShardSlots | None = None
+        self._receiver: Receiver | None = None
+        self._heartbeat: Heartbeat | None = None
         self._r: redis.Redis | None = None
+        self._outage_since: float | None = None
 
     # Lifecycle -----------------------------------------------------------------------------
     def run(self) -> None:
         """Register, load the active version, then serve commands until stopped."""
+        from orchestrator.rollout.adapters import resolve_device
+
+        device = resolve_device(self.settings.ranks.device, self.rank)
         self._r = connect(self.settings.redis.url, wait_s=self.settings.redis.start_timeout_s)
         self._scripts = ScriptRegistry(self._r)
-        self._register()
-        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        beat.start()
+        self._register(device)
+        self._heartbeat = Heartbeat(
+            url=self.settings.redis.url,
+            key=self.keys.rank_alive(self.rank),
+            value=self.instance,
+            interval_s=self.settings.ranks.heartbeat_interval_s,
+            ttl_s=self.settings.ranks.heartbeat_timeout_s,
+        )
+        self._heartbeat.start()
         try:
             cursor = self._retry(self._commands_tail)
+            # Imported now (after registering, so the agent is visible at once), not at the
+            # first PREPARE, whose deadline should not pay for torch and CUDA.
             from orchestrator.rollout.adapters import make_adapter
+            from orchestrator.rollout.receive import Receiver
+            from orchestrator.rollout.slots import ShardSlots
 
-            self._adapter = make_adapter(self.settings.ranks.device, self.rank)
-            # Imported now, not at the first PREPARE, whose deadline should not pay for it.
-            import safetensors.torch  # noqa: F401
-
-            if self.settings.ranks.fetch != "path":
-                import httpx  # noqa: F401
+            self._adapter = make_adapter()
+            self._slots = ShardSlots(keep_previous=self.settings.ranks.keep_previous)
+            self._receiver = Receiver(self.settings, self.rank, device)
             self._load_active_until_done()
-            log.info("rank %d ready: version %s (epoch %d)",
-                     self.rank, self.adapter.active_version, self.epoch)  # fmt: skip
+            log.info("rank %d ready on %s: version %s (epoch %d)",
+                     self.rank, device, self.adapter.served_version, self.epoch)  # fmt: skip
             self._serve(cursor)
         finally:
             self._stop.set()
-            beat.join(timeout=2)
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
             with contextlib.suppress(redis.RedisError, OSError):
                 self._deregister()
-            if self._http is not None:
-                self._http.close()
+            if self._receiver is not None:
+                self._receiver.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -216,15 +158,26 @@ class RankAgent:
         assert self._adapter is not None
         return self._adapter
 
-    def _register(self) -> None:
+    @property
+    def slots(self) -> ShardSlots:
+        assert self._slots is not None
+        return self._slots
+
+    @property
+    def receiver(self) -> Receiver:
+        assert self._receiver is not None
+        return self._receiver
+
+    def _register(self, device: str) -> None:
         now = repr(time.time())
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
             self.keys.rank(self.rank),
             mapping={
                 "instance": self.instance, "pid": os.getpid(), "host": socket.gethostname(),
-                "started_at": now, "heartbeat": now, "state": RankState.STARTING,
+                "device": device, "started_at": now, "state": RankState.STARTING,
                 "version": "", "digest": "", "epoch": 0, "reason": "",
+                "previous_version": "", "previous_digest": "",
                 "staged_version": "", "staged_txn": "", "staged_digest": "",
             },
         )  # fmt: skip
@@ -246,26 +199,25 @@ class RankAgent:
     def _alive_ms(self) -> int:
         return max(1, int(self.settings.ranks.heartbeat_timeout_s * 1000))
 
-    def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.settings.ranks.heartbeat_interval_s):
-            try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.set(self.keys.rank_alive(self.rank), self.instance, px=self._alive_ms)
-                pipe.hset(self.keys.rank(self.rank), "heartbeat", repr(time.time()))
-                pipe.execute()
-            except (redis.RedisError, OSError) as exc:
-                log.warning("rank %d: heartbeat failed: %s", self.rank, exc)
-
     def _retry(self, step: Any, *args: Any) -> Any:
-        """Run `step` until Redis answers (the agent outlives Redis restarts)."""
+        """Run `step` until Redis answers (the agent outlives Redis restarts); an outage is
+        logged once when it starts and once when it ends."""
         while True:
             try:
-                return step(*args)
+                result = step(*args)
             except _REDIS_DOWN as exc:
                 if self._stop.is_set():
                     raise
-                log.warning("rank %d: Redis does not answer (%s); retrying", self.rank, exc)
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    log.warning("rank %d: Redis does not answer (%s); retrying", self.rank, exc)
                 time.sleep(_RETRY_S)
+                continue
+            if self._outage_since is not None:
+                log.info("rank %d: Redis answers again after %.1fs", self.rank,
+                         time.monotonic() - self._outage_since)  # fmt: skip
+                self._outage_since = None
+            return result
 
     # Loading the active version ------------------------------------------------------------
     def _commands_tail(self) -> str:
@@ -290,38 +242,34 @@ class RankAgent:
     def _load_active(self) -> None:
         active = self.redis.hgetall(self.keys.active)
         if not active.get("version"):
-            self._publish_held(version="")
+            self._publish_held()
             return
         version, epoch, txn = int(active["version"]), int(active["epoch"]), active.get("txn", "")
-        if self.adapter.active_version != version:
-            self._apply(version, self._artifact_entry(version))
+        if self.adapter.served_version != version:
+            self._load(version)
         self.epoch = epoch
         self._ack_commit(txn, version, epoch)
         self._event(self.redis, "LOADED", version=version, epoch=epoch)
 
-    def _artifact_entry(self, version: int) -> dict[str, Any]:
-        raw = self.redis.hget(self.keys.version(version), "artifact")
-        if not raw:
-            raise NotFound(f"version {version} has no artifact record")
-        for entry in json.loads(raw)["ranks"]:
-            if entry["rank"] == self.rank:
-                return entry  # type: ignore[no-any-return]
-        raise NotFound(f"version {version} has no shard for rank {self.rank}")
+    def _version_record(self, version: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """This rank's entries of `version`'s layout and (once durable) artifact records."""
+        raw = self.redis.hmget(self.keys.version(version), "layout", "artifact")
+        if not raw[0]:
+            raise NotFound(f"version {version} has no layout record")
+        layout = _rank_entry(json.loads(raw[0]), self.rank, version, "layout")
+        artifact = _rank_entry(json.loads(raw[1]), self.rank, version, "artifact") if raw[1] else None
+        return layout, artifact
 
-    def _fetch_tensors(self, version: int, entry: dict[str, Any]) -> dict[str, Any]:
-        from safetensors.torch import load
-
-        if self._http is None and self.settings.ranks.fetch != "path":
-            import httpx
-
-            self._http = httpx.Client(timeout=self.settings.rollout.prepare_deadline_s)
-        data = fetch_shard(self.settings, version, self.rank, entry, http=self._http)
-        return load(data)
-
-    def _apply(self, version: int, entry: dict[str, Any]) -> None:
-        """Load `version` straight into the active slot (start-up, or a commit not staged)."""
-        self.adapter.stage(version, self._fetch_tensors(version, entry))
-        self.digest = self.adapter.commit(version)
+    def _load(self, version: int) -> None:
+        """Load `version` from its artifact straight into the active slot."""
+        layout, artifact = self._version_record(version)
+        if artifact is None:
+            # Durability rule (README): the daemon writes a committed version's artifact right
+            # after the commit; until it is durable, a restarted rank waits for it.
+            raise NotFound(f"the artifact of version {version} is not durable yet; waiting for it")
+        held = self.receiver.load_artifact(version, artifact, layout)
+        self.slots.load(held)
+        self.adapter.apply(version, held.shard.views())
         self.staged_txn = None
 
     # Commands ------------------------------------------------------------------------------
@@ -362,10 +310,12 @@ class RankAgent:
         self.staged_txn = txn
         entry = shards[self.rank]
         try:
-            digest = self.adapter.stage(version, self._fetch_tensors(version, entry))
+            layout, _ = self._version_record(version)
+            held = self.receiver.receive(version, entry, layout, self.slots)
+            self.slots.stage(held)
         except Exception as exc:
             # Whatever goes wrong while preparing is this rank's answer, not the agent's end.
-            self.adapter.discard()
+            self.slots.discard()
             self.staged_txn = None
             reason = exc.message if isinstance(exc, RefitError) else repr(exc)
             log.error("rank %d: prepare of version %d failed: %s", self.rank, version, reason)
@@ -375,9 +325,9 @@ class RankAgent:
                 self._refuse(cmd, refused.message)
             return
         try:
-            self._ack(txn, RankPhase.PREPARED, epoch, digest)
+            self._ack(txn, RankPhase.PREPARED, epoch, held.digest)
         except (FencedOut, StaleTransition, NotFound) as refused:
-            self.adapter.discard()
+            self.slots.discard()
             self.staged_txn = None
             self._refuse(cmd, refused.message)
             self._publish_held()
@@ -386,17 +336,23 @@ class RankAgent:
         txn, version, epoch = cmd["txn"], int(cmd["version"]), int(cmd["epoch"])
         if epoch < self.epoch:
             self._refuse(cmd, f"COMMIT carries epoch {epoch} but this rank holds version "
-                         f"{self.adapter.active_version} from epoch {self.epoch}")  # fmt: skip
+                         f"{self.adapter.served_version} from epoch {self.epoch}")  # fmt: skip
             return
-        if self.adapter.active_version == version and self.epoch == epoch:
+        staged = self.slots.staged
+        if self.adapter.served_version == version and self.epoch == epoch:
             pass  # a repeated COMMIT: ack again below
-        elif self.adapter.staged_version == version and self.staged_txn == txn:
-            self.digest = self.adapter.commit(version)
+        elif (staged is not None and staged.version == version and self.staged_txn == txn) or (
+            self.slots.stage_previous(version) is not None
+        ):
+            # Staged by this transaction's PREPARE, or (a restore by recovery, which sends no
+            # PREPARE it waits for) held resident as the previous version.
+            held = self.slots.commit()
+            self.adapter.apply(version, held.shard.views())
             self.staged_txn = None
         else:
             # Restarted after preparing (or never got PREPARE): the decision stands, so load it.
             try:
-                self._apply(version, self._artifact_entry(version))
+                self._load(version)
             except _REDIS_DOWN:
                 raise
             except Exception as exc:
@@ -411,7 +367,7 @@ class RankAgent:
     def _abort(self, cmd: dict[str, str]) -> None:
         if self.staged_txn != cmd["txn"]:
             return
-        self.adapter.discard()
+        self.slots.discard()
         self.staged_txn = None
         self._publish_held()
 
@@ -430,19 +386,35 @@ class RankAgent:
         is a start-up load of an old decision), just publish what is held."""
         try:
             if txn:
-                self._ack(txn, RankPhase.COMMITTED, epoch, self.digest)
+                self._ack(txn, RankPhase.COMMITTED, epoch, self._active_digest())
+                self._publish_previous()
                 return
         except (FencedOut, StaleTransition, NotFound):
             pass
         self._publish_held()
 
-    def _publish_held(self, version: str | int | None = None) -> None:
-        held = self.adapter.active_version if version is None else version
+    def _active_digest(self) -> str:
+        active = self._slots.active if self._slots is not None else None
+        return active.digest if active is not None else ""
+
+    def _publish_previous(self) -> None:
+        previous = self.slots.previous
+        self.redis.hset(self.keys.rank(self.rank), mapping={
+            "previous_version": "" if previous is None else previous.version,
+            "previous_digest": "" if previous is None else previous.digest,
+        })  # fmt: skip
+
+    def _publish_held(self) -> None:
+        active = self._slots.active if self._slots is not None else None
+        previous = self._slots.previous if self._slots is not None else None
         self.redis.hset(
             self.keys.rank(self.rank),
             mapping={
-                "state": RankState.READY, "version": "" if held is None else held,
-                "digest": self.digest if held not in ("", None) else "", "epoch": self.epoch,
+                "state": RankState.READY,
+                "version": "" if active is None else active.version,
+                "digest": "" if active is None else active.digest, "epoch": self.epoch,
+                "previous_version": "" if previous is None else previous.version,
+                "previous_digest": "" if previous is None else previous.digest,
                 "reason": "", "staged_version": "", "staged_txn": "", "staged_digest": "",
             },
         )  # fmt: skip
@@ -458,6 +430,13 @@ class RankAgent:
         entry = {"kind": "rank", "rank": self.rank, "to": to, "instance": self.instance}
         entry.update({k: "" if v is None else v for k, v in fields.items()})
         client.xadd(self.keys.events, entry, maxlen=EVENTS_MAXLEN, approximate=True)
+
+
+def _rank_entry(record: dict[str, Any], rank: int, version: int, what: str) -> dict[str, Any]:
+    for entry in record.get("ranks", []):
+        if entry["rank"] == rank:
+            return entry  # type: ignore[no-any-return]
+    raise NotFound(f"version {version}'s {what} record has no entry for rank {rank}")
 
 
 def run_rank_agent(settings: Settings, rank: int) -> None:

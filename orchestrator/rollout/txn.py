@@ -13,7 +13,7 @@ acks must carry the epoch their command carried, which must still be current (PR
 the decision's (COMMIT). So an ack from a rank that slept through a decision is refused.
 
 Per-rank fields of the transaction hash: `r<rank>` (PENDING, PREPARED, FAILED, COMMITTED),
-`x<rank>` (the shard's expected tensor digest), `d<rank>` (the digest the rank reported),
+`x<rank>` (the digest the shard must have), `d<rank>` (the digest the rank reported),
 `e<rank>` (why it failed).
 """
 
@@ -161,8 +161,8 @@ BEGIN = LuaScript(
 -- KEYS[1] lock  KEYS[2] epoch  KEYS[3] active  KEYS[4] txn hash  KEYS[5] open txns set
 -- KEYS[6] the version's hash  KEYS[7] events stream  KEYS[8] ranks' command stream
 -- ARGV[1] fence  ARGV[2] txn id  ARGV[3] version  ARGV[4] kind (rollout | rollback)
--- ARGV[5] now  ARGV[6] JSON list, rank order, of each shard's {digest, tensor_digest, bytes,
---   path}  ARGV[7] statuses the version may be in (csv)  ARGV[8] status to move it to now
+-- ARGV[5] now  ARGV[6] JSON list, rank order, of each rank's route entry ({digest, via, ..})
+--   ARGV[7] statuses the version may be in (csv)  ARGV[8] status to move it to now
 --   ('' = none)  ARGV[9] events MAXLEN  ARGV[10] command stream MAXLEN (both approximate)
 -- Returns {"OK", begin epoch, active version or ""} | {"FENCED"|"BUSY"|"NOT_FOUND"|"STALE", msg}
 local ok, msg = fence_ok(KEYS[1], ARGV[1])
@@ -185,7 +185,7 @@ local fields = {'id', ARGV[2], 'version', ARGV[3], 'kind', ARGV[4], 'from_versio
 for i, shard in ipairs(shards) do
   local r = i - 1
   table.insert(fields, 'x' .. r)
-  table.insert(fields, shard['tensor_digest'])
+  table.insert(fields, shard['digest'])
   table.insert(fields, 'r' .. r)
   table.insert(fields, 'PENDING')
 end
@@ -208,8 +208,8 @@ ACK = LuaScript(
     num_keys=6,
     errors={"NOT_FOUND": NotFound, "FENCED": FencedOut, "STALE": StaleTransition},
     source="""
--- A rank's answer to a command: PREPARED (with the tensor digest of what it staged), FAILED (with
--- why), or COMMITTED (with the tensor digest of what it now holds). Updates the rank's hash in the
+-- A rank's answer to a command: PREPARED (with the digest of what it staged), FAILED (with
+-- why), or COMMITTED (with the digest of what it now holds). Updates the rank's hash in the
 -- same step. Refused when the epoch the command carried is no longer the one that counts. The
 -- last COMMITTED ack closes the transaction. A repeated answer is accepted and changes nothing.
 -- A closed transaction's acks stream lives one more day, for debugging; the events stream is the
@@ -315,6 +315,8 @@ DECIDE = LuaScript(
 -- ARGV[5] the version's new status ('' = leave it)  ARGV[6] statuses it may come from (csv)
 -- ARGV[7] new status of the previously active version on COMMIT  ARGV[8] events MAXLEN
 -- ARGV[9] command stream MAXLEN (both approximate)
+-- ARGV[10] '1' for a restore: a COMMIT that needs no PREPARED acks (recovery returns the ranks to
+--   a durable version; each loads it), and the version active before takes ARGV[4] as its reason
 -- Returns {"OK", epoch} | {"FENCED"|"STALE"|"NOT_PREPARED"|"NOT_FOUND", msg}
 local ok, msg = fence_ok(KEYS[1], ARGV[1])
 if not ok then return {'FENCED', msg} end
@@ -325,7 +327,8 @@ if state ~= 'PREPARING' then
   return {'STALE', 'transaction ' .. id .. ' is already ' .. state}
 end
 local commit = ARGV[2] == 'COMMIT'
-if commit then
+local restore = ARGV[10] == '1'
+if commit and not restore then
   local missing = {}
   for i = 0, tonumber(tp) - 1 do
     local r = redis.call('HMGET', KEYS[4], 'r' .. i, 'd' .. i, 'x' .. i)
@@ -335,6 +338,8 @@ if commit then
     return {'NOT_PREPARED', 'rank(s) ' .. table.concat(missing, ', ') ..
       ' have not acked PREPARED with the expected digest in transaction ' .. id}
   end
+end
+if commit then
   local active = redis.call('HGET', KEYS[3], 'version') or ''
   if active ~= from then
     return {'STALE', 'the active version is ' .. active .. ', not ' .. from ..
@@ -362,7 +367,9 @@ if commit then
   redis.call('HSET', KEYS[3], 'version', version, 'epoch', epoch, 'txn', id, 'since', ARGV[3])
   redis.call('RPUSH', KEYS[7], version)
   if from ~= '' then
-    set_status(KEYS[6], KEYS[8], from, 'COMMITTED', ARGV[7], ARGV[3], '', ARGV[8])
+    local why = ''
+    if restore then why = ARGV[4] end
+    set_status(KEYS[6], KEYS[8], from, 'COMMITTED', ARGV[7], ARGV[3], why, ARGV[8])
   end
 else
   redis.call('HSET', KEYS[4], 'closed_at', ARGV[3])

@@ -14,9 +14,10 @@ from orchestrator.errors import ConfigError, RedisUnavailable, RefitError
 from orchestrator.metrics import Metrics
 from orchestrator.rollout.coordinator import Coordinator
 from orchestrator.rollout.lock import UpdateLock
-from orchestrator.rollout.recovery import RecoveryReport, recover
 from orchestrator.rollout.supervisor import Supervisor
-from orchestrator.service.pipeline import ModelSpec, UpdatePipeline
+from orchestrator.service.model_spec import ModelSpec
+from orchestrator.service.pipeline import UpdatePipeline
+from orchestrator.service.recovery import RecoveryReport, recover
 from orchestrator.service.updates import UpdateQueue
 from orchestrator.settings import Settings
 from orchestrator.state.artifacts import ArtifactStore
@@ -98,12 +99,10 @@ class Refitd:
             metrics=self.metrics,
             model=self.model,
         )
-        # Before anything is served or any rank starts: open transactions reach their decision.
-        # Versions of acknowledged updates that never started are spared: the pipeline runs them.
+        # Before anything is served or any rank starts (service/recovery.py has every rule).
         self.recovery = recover(
-            self._coordinator, self._versions, self.update_lock(), spare=self._unstarted()
+            self._coordinator, self._versions, self.artifacts, queue, self.update_lock()
         )
-        self._pipeline.recover()
         if self.settings.ranks.launch == "local":
             self.supervisor = Supervisor(self.settings, redis_url=self.redis_url)
             self.supervisor.start()
@@ -134,17 +133,6 @@ class Refitd:
         except (RefitError, ValueError, KeyError) as exc:
             message = exc.message if isinstance(exc, RefitError) else str(exc)
             raise ConfigError(f"model.config {model.path} with these settings: {message}") from None
-
-    def _unstarted(self) -> set[int]:
-        """Versions still RECEIVED whose update waits in the queue or was taken but not begun."""
-        queue = self.pipeline.queue
-        ids = queue.queued() + queue.running()
-        spare = set()
-        for update_id in ids:
-            version = queue.get(update_id).version
-            if self.versions.get(version).status is VersionStatus.RECEIVED:
-                spare.add(version)
-        return spare
 
     def stop(self) -> None:
         if self._pipeline is not None:
@@ -241,10 +229,11 @@ class Refitd:
         for rank in state["ranks"]:
             r = rank["rank"]
             if not rank["alive"]:
-                if rank["last_heartbeat"] is None:
+                if rank["state"] == "UNREGISTERED":
                     return Readiness(False, f"rank {r} has never registered")
-                age = now - rank["last_heartbeat"]
-                return Readiness(False, f"rank {r} is not alive (last heartbeat {age:.1f}s ago)")
+                timeout = self.settings.ranks.heartbeat_timeout_s
+                return Readiness(False, f"rank {r} is not alive (no heartbeat for {timeout:g}s; "
+                                 f"last state {rank['state']})")  # fmt: skip
             if rank["version"] != active:
                 held = "nothing" if rank["version"] is None else f"version {rank['version']}"
                 return Readiness(False, f"rank {r} holds {held}, not the active version "

@@ -220,6 +220,12 @@ class UpdateQueue:
             },
         )
 
+    def annotate(self, update_id: str, *, error: str) -> None:
+        """Add what happened to a final update afterwards (recovery rolled its version back)."""
+        if not self._r.exists(self._keys.update(update_id)):
+            raise NotFound(f"update {update_id} does not exist")
+        self._r.hset(self._keys.update(update_id), "error", error)
+
     def take(self, timeout_s: float) -> str | None:
         """Move the oldest queued update to the running list (blocking up to timeout_s)."""
         moved = self._r.blmove(

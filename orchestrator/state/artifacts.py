@@ -2,71 +2,47 @@
 
 Layout: `<data_dir>/artifacts/v<version>/rank<r>.safetensors` and `manifest.json`. Every file is
 written under a temporary name, fsynced, renamed, and its directory fsynced, so a crash leaves
-either the whole file or none. The manifest is written last: a version exists once it does.
+either the whole file or none. The manifest is written last: a version's artifact exists (is
+durable) once it does.
 
-Two digests per shard, both sha256 in hex:
-- `digest`: over the file's bytes. A rank checks it on what it fetched before parsing anything.
-- `tensor_digest`: over the tensors themselves (`tensor_digest()` below), computed here from the
-  tensors written and by a rank's adapter from the tensors it holds in memory, so the two compare
-  whatever device or file format lies between them.
-
-torch and safetensors are imported only where tensors are handled: the coordinator and the
-daemon's recovery use this module without them.
+A rank's file is its flat shard buffer behind a safetensors header (orchestrator/data/flat.py):
+the data section holds exactly the bytes that ranks receive by IPC, so the version's digest (a
+GPU digest over those bytes and the table) checks a shard however it arrived. The file's sha256
+is computed as it is written (off the rollout's critical path: see the pipeline) and recorded
+in the manifest, for the bytes at rest.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.data.files import StagingPool, write_shard
 from orchestrator.errors import Conflict, NotFound
 
 if TYPE_CHECKING:
-    import torch
+    from orchestrator.data.flat import FlatShard
 
-_CHUNK = 1 << 20
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 MANIFEST = "manifest.json"
 
 
-def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the tensors, in name order: for each, its name, dtype, shape and raw bytes.
-
-    Each tensor contributes `name \\0 dtype \\0 d0,d1,... \\0 <8-byte little-endian length>` and
-    then its bytes in C order as they lie in memory (little-endian on every host refitd runs on).
-    CUDA tensors are copied to the host to be hashed.
-    """
-    import torch
-
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-        dtype = str(t.dtype).removeprefix("torch.")
-        shape = ",".join(str(d) for d in t.shape)
-        h.update(f"{name}\0{dtype}\0{shape}\0".encode())
-        h.update(len(raw).to_bytes(8, "little"))
-        h.update(raw.data)
-    return h.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+def layout_record(shards: Sequence[FlatShard]) -> dict[str, Any]:
+    """The version's layout record: per rank, the digest, data size and table of its shard."""
+    return {
+        "tp_size": len(shards),
+        "ranks": [
+            {"rank": r, "digest": s.digest(), "nbytes": s.nbytes, "table": s.table_json()}
+            for r, s in enumerate(shards)
+        ],
+    }
 
 
 def fsync_dir(path: Path) -> None:
@@ -108,59 +84,48 @@ class ArtifactStore:
     def write_version(
         self,
         version: int,
-        rank_shards: list[dict[str, torch.Tensor]],
+        shards: Sequence[FlatShard],
         *,
         metadata: Mapping[str, Any],
+        pool: StagingPool | None = None,
     ) -> dict[str, Any]:
-        """Write one safetensors file per rank and the manifest, each durably.
+        """Write one safetensors file per rank and then the manifest, each durably.
 
-        Returns `{"tp_size", "ranks": [{"rank", "path", "digest", "tensor_digest", "bytes"}]}`,
-        which the pipeline stores with the version (`VersionStore.set_fields(v, artifact=...)`):
-        rank agents read their shard's location and digests from there.
-        Raises Conflict if a complete set of files for `version` already exists.
+        Returns `{"tp_size", "ranks": [{"rank", "path", "bytes", "sha256"}]}`, which the
+        pipeline stores with the version once this returns (`artifact`): the version's bytes
+        are durable from then on. Raises Conflict if they already are.
         """
-        from safetensors.torch import save_file
-
-        if not rank_shards:
+        if not shards:
             raise ValueError("write_version needs at least one rank shard")
         if self.exists(version):
             raise Conflict(f"artifacts of version {version} already exist")
+        pool = pool or StagingPool()
         vdir = self.version_dir(version)
         if vdir.exists():
             # A crash mid-write left some files but no manifest: nothing refers to them.
             shutil.rmtree(vdir)
         vdir.mkdir(parents=True)
         fsync_dir(self.root)
-        tp_size = len(rank_shards)
+        tp_size = len(shards)
         ranks = []
-        for rank, shard in enumerate(rank_shards):
-            final = self.path(version, rank)
-            tmp = _tmp_name(final)
-            tensors = {name: t.contiguous() for name, t in shard.items()}
+        for rank, shard in enumerate(shards):
             header = {
                 "refitd.version": str(version),
                 "refitd.rank": str(rank),
                 "refitd.tp_size": str(tp_size),
+                **{f"refitd.{k}": str(v) for k, v in metadata.items()},
             }
-            save_file(tensors, str(tmp), metadata=header)
-            _fsync_file(tmp)
-            digest = file_digest(tmp)
-            os.replace(tmp, final)
+            written = write_shard(self.path(version, rank), shard, metadata=header, pool=pool)
             ranks.append(
-                {
-                    "rank": rank,
-                    "path": str(final),
-                    "digest": digest,
-                    "tensor_digest": tensor_digest(tensors),
-                    "bytes": final.stat().st_size,
-                }
-            )
+                {"rank": rank, "path": written["path"], "bytes": written["bytes"],
+                 "sha256": written["sha256"]}
+            )  # fmt: skip
         fsync_dir(vdir)
         info: dict[str, Any] = {"tp_size": tp_size, "ranks": ranks}
         manifest = {
             "version": version,
             "created_at": time.time(),
-            "metadata": dict(metadata),
+            "metadata": {k: str(v) for k, v in metadata.items()},
             **info,
         }
         final = vdir / MANIFEST

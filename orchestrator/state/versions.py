@@ -45,6 +45,12 @@ ALLOWED_FROM: dict[VersionStatus, frozenset[VersionStatus]] = {
     _S.ROLLED_BACK: frozenset({_S.COMMITTED}),
 }
 FINAL_FAILURES = frozenset({_S.REJECTED, _S.ABORTED})
+# Versions an update is still working on.
+IN_FLIGHT = frozenset({_S.RECEIVED, _S.QUANTIZED, _S.VERIFIED, _S.PREPARED})
+# Versions that were active and no longer are: the only ones a rollback may return to.
+EVER_ACTIVE = frozenset({_S.SUPERSEDED, _S.ROLLED_BACK})
+# Versions a COMMIT decision made active at some point.
+EVER_COMMITTED = EVER_ACTIVE | {_S.COMMITTED}
 
 TRANSITION = LuaScript(
     name="version_transition",
@@ -94,6 +100,8 @@ class VersionRecord:
     quantization: list[dict[str, Any]] | None = None
     verification: dict[str, Any] | None = None
     artifact: dict[str, Any] | None = None
+    # Per rank: the digest, size and {name, dtype, shape, offset} table of the shard that ships.
+    layout: dict[str, Any] | None = None
 
     @classmethod
     def from_hash(cls, version: int, raw: dict[str, str]) -> VersionRecord:
@@ -113,6 +121,7 @@ class VersionRecord:
             quantization=_json("quantization"),
             verification=_json("verification"),
             artifact=_json("artifact"),
+            layout=_json("layout"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +137,17 @@ class VersionRecord:
             "quantization": self.quantization,
             "verification": self.verification,
             "artifact": self.artifact,
+            # The tables are for ranks, not readers: a summary is enough here.
+            "layout": None
+            if self.layout is None
+            else {
+                "tp_size": self.layout.get("tp_size"),
+                "ranks": [
+                    {"rank": r["rank"], "digest": r["digest"], "bytes": r["nbytes"],
+                     "tensors": len(r["table"])}
+                    for r in self.layout.get("ranks", [])
+                ],
+            },
         }
 
 

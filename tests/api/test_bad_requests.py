@@ -326,12 +326,6 @@ CASES: dict[str, tuple[Callable[[Api, Path], httpx.Response], int, str]] = {
     "wrong dtype (float64)": (
         lambda a, e: a.upload(a.bytes_of(_with(a, NORM, lambda t: t.to(torch.float64)))),
         422, f"wrong dtypes: {NORM} is F64, expected one of bf16, fp16, fp32"),
-    "NaN": (
-        lambda a, e: a.push(_ckpt(a, _with(a, UP, _set((3, 5), float("nan"))))),
-        422, f"NaN or Inf in {UP}; nothing was applied"),
-    "Inf": (
-        lambda a, e: a.upload(a.bytes_of(_with(a, NORM, _set((7,), float("-inf"))))),
-        422, f"NaN or Inf in {NORM}; nothing was applied"),
     "path outside the roots via ..": (
         lambda a, e: a.push(f"{a.root}/../elsewhere/ckpt"),
         400, "resolves to {e}, outside every allowed root ({a.root})"),
@@ -423,6 +417,31 @@ def test_bad_input_is_refused_with_a_clear_message_and_changes_nothing(
     assert isinstance(detail, str)
     assert words.format(a=api, e=elsewhere) in detail, detail
     assert api.snapshot() == before
+
+
+# NaN and Inf: found by the pipeline's one pass over the data on the device ---------------------
+@pytest.mark.parametrize("via", ["path", "upload"])
+def test_nan_or_inf_rejects_the_version_with_the_reason_and_no_rank_changes(
+    api: Api, via: str
+) -> None:
+    """The door checks every header; the data is read once, by the pipeline, which finds the NaN
+    on the device: the version is REJECTED with the tensor's name and no rank changes."""
+    before = api.snapshot()
+    if via == "path":
+        bad = _with(api, UP, _set((3, 5), float("nan")))
+        response = api.push(_ckpt(api, bad), wait=True)
+        name = UP
+    else:
+        bad = _with(api, NORM, _set((7,), float("-inf")))
+        response = api.upload(api.bytes_of(bad), params={"wait": "true"})
+        name = NORM
+    assert response.status_code == 422, response.text
+    assert f"NaN or Inf in {name}; nothing was applied" in response.json()["detail"]
+    after = api.snapshot()
+    version = max(after["versions"])
+    assert after["versions"][version][0] == "REJECTED" and version not in before["versions"]
+    for key in ("active", "epoch", "ranks", "uploads"):
+        assert after[key] == before[key], key
 
 
 # The queue ----------------------------------------------------------------------------------

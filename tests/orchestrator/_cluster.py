@@ -29,7 +29,8 @@ from orchestrator.rollout.coordinator import Coordinator
 from orchestrator.rollout.lock import UpdateLock
 from orchestrator.rollout.supervisor import Supervisor
 from orchestrator.settings import REPO_ROOT, Settings, load_settings
-from orchestrator.state.artifacts import ArtifactStore
+from orchestrator.data.flat import pack
+from orchestrator.state.artifacts import ArtifactStore, layout_record
 from orchestrator.state.keys import Keys
 from orchestrator.state.redis_client import connect
 from orchestrator.state.versions import VersionStatus, VersionStore
@@ -146,7 +147,7 @@ class Cluster:
                     return None
                 if pids and r["pid"] != pids.get(r["rank"]):
                     return None
-                if want is not None and r["digest"] != self.tensor_digest(want, r["rank"]):
+                if want is not None and r["digest"] != self.digest(want, r["rank"]):
                     return None
             return state
 
@@ -166,14 +167,19 @@ class Cluster:
         version = self.versions.create(label=label)
         if shards is None:
             shards = random_shards(self.tp_size, seed if seed is not None else version)
-        info = self.artifacts.write_version(version, shards, metadata={"label": label})
+        flats = [pack(shard, device="cpu") for shard in shards]
+        self.versions.set_fields(version, layout=layout_record(flats))
+        info = self.artifacts.write_version(version, flats, metadata={"label": label or ""})
         self.versions.set_fields(version, artifact=info)
         self.versions.transition(version, VersionStatus.QUANTIZED)
         self.versions.transition(version, VersionStatus.VERIFIED)
         return version
 
-    def tensor_digest(self, version: int, rank: int) -> str:
-        return self.artifacts.shard_info(version, rank)["tensor_digest"]  # type: ignore[no-any-return]
+    def digest(self, version: int, rank: int) -> str:
+        """The digest rank `rank`'s shard of `version` must have (its layout record's)."""
+        layout = self.versions.get(version).layout
+        assert layout is not None, f"version {version} has no layout"
+        return layout["ranks"][rank]["digest"]  # type: ignore[no-any-return]
 
     def status(self, version: int) -> VersionStatus:
         return self.versions.get(version).status

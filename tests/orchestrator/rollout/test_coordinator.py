@@ -29,8 +29,7 @@ class Scripts:
 
     def begin(self, txn: str, version: int, fence: int, digests: list[str]) -> list:
         k = self.k
-        shards = [{"digest": "f" * 64, "tensor_digest": d, "bytes": 1, "path": "/p"}
-                  for d in digests]  # fmt: skip
+        shards = [{"digest": d, "via": "artifact", "path": "/p", "bytes": 1} for d in digests]
         return self.run[BEGIN](
             [k.update_lock, k.epoch, k.active, k.txn(txn), k.open_txns, k.version(version),
              k.events, k.rank_commands],
@@ -67,7 +66,7 @@ def scripts(make_cluster) -> Scripts:  # noqa: F811
 
 
 def _digests(c: Cluster, v: int) -> list[str]:
-    return [c.tensor_digest(v, r) for r in range(c.tp_size)]
+    return [c.digest(v, r) for r in range(c.tp_size)]
 
 
 def test_begin_needs_the_current_fence_and_no_open_transaction(scripts: Scripts) -> None:
@@ -83,7 +82,7 @@ def test_begin_needs_the_current_fence_and_no_open_transaction(scripts: Scripts)
     assert c.status(v) == S.PREPARED
     (prepare,) = scripts.commands()  # PREPARE went out in the same step, with every shard
     assert (prepare["type"], prepare["txn"], prepare["epoch"]) == ("PREPARE", "t1", "0")
-    assert [s["tensor_digest"] for s in json.loads(prepare["shards"])] == _digests(c, v)
+    assert [s["digest"] for s in json.loads(prepare["shards"])] == _digests(c, v)
     assert c.client.smembers(c.keys.open_txns) == {"t1"}
     assert c.client.hget(c.keys.version(v), "last_txn") == "t1"
     v2 = c.make_version()
@@ -97,11 +96,11 @@ def test_ack_with_an_old_epoch_is_refused_and_changes_nothing(scripts: Scripts) 
     v = c.make_version()
     with c.lock() as lock:
         epoch, _ = scripts.begin("t1", v, lock.fence, _digests(c, v))
-        assert scripts.ack("t1", 0, "PREPARED", int(epoch), c.tensor_digest(v, 0)) == ["PREPARING"]
+        assert scripts.ack("t1", 0, "PREPARED", int(epoch), c.digest(v, 0)) == ["PREPARING"]
         scripts.decide("t1", v, None, "ABORT", lock.fence)
     before = c.client.hgetall(c.keys.txn("t1"))
     with pytest.raises(FencedOut, match="carries epoch 0 but the current epoch is 1"):
-        scripts.ack("t1", 1, "PREPARED", int(epoch), c.tensor_digest(v, 1))
+        scripts.ack("t1", 1, "PREPARED", int(epoch), c.digest(v, 1))
     assert c.client.hgetall(c.keys.txn("t1")) == before
     assert c.client.hget(c.keys.rank(1), "state") is None
     with pytest.raises(NotFound):
@@ -116,7 +115,7 @@ def test_decide_commit_needs_every_rank_prepared_with_its_digest(scripts: Script
     with c.lock() as lock:
         epoch, _ = scripts.begin("t1", v, lock.fence, _digests(c, v))
         e = int(epoch)
-        scripts.ack("t1", 0, "PREPARED", e, c.tensor_digest(v, 0))
+        scripts.ack("t1", 0, "PREPARED", e, c.digest(v, 0))
         with pytest.raises(NotPrepared, match=r"rank\(s\) 1 have not"):
             scripts.decide("t1", v, None, "COMMIT", lock.fence)
         scripts.ack("t1", 1, "PREPARED", e, "f" * 64)  # staged something else
@@ -131,14 +130,14 @@ def test_decide_commit_records_decision_active_version_and_statuses_at_once(scri
     with c.lock() as lock:
         e, _ = scripts.begin("t1", v1, lock.fence, _digests(c, v1))
         for r in range(2):
-            scripts.ack("t1", r, "PREPARED", int(e), c.tensor_digest(v1, r))
+            scripts.ack("t1", r, "PREPARED", int(e), c.digest(v1, r))
         assert scripts.decide("t1", v1, None, "COMMIT", lock.fence) == ["1"]
         for r in range(2):
-            scripts.ack("t1", r, "COMMITTED", 1, c.tensor_digest(v1, r))
+            scripts.ack("t1", r, "COMMITTED", 1, c.digest(v1, r))
         e, active = scripts.begin("t2", v2, lock.fence, _digests(c, v2))
         assert (e, active) == ("1", str(v1))
         for r in range(2):
-            scripts.ack("t2", r, "PREPARED", 1, c.tensor_digest(v2, r))
+            scripts.ack("t2", r, "PREPARED", 1, c.digest(v2, r))
         assert scripts.decide("t2", v2, v1, "COMMIT", lock.fence) == ["2"]
     assert c.client.hgetall(c.keys.active) | {"since": "x"} == {
         "version": str(v2), "epoch": "2", "txn": "t2", "since": "x"}  # fmt: skip
@@ -161,7 +160,7 @@ def test_a_decision_under_a_lost_fence_is_refused(scripts: Scripts) -> None:
     old_fence = old.acquire()
     e, _ = scripts.begin("t1", v, old_fence, _digests(c, v))
     for r in range(2):
-        scripts.ack("t1", r, "PREPARED", int(e), c.tensor_digest(v, r))
+        scripts.ack("t1", r, "PREPARED", int(e), c.digest(v, r))
     new = c.lock()
     new.acquire(steal=True)  # a restarted daemon took over
     with pytest.raises(FencedOut, match=f"fence {old_fence} is stale"):
@@ -178,18 +177,18 @@ def test_the_last_commit_ack_closes_the_transaction_and_repeats_are_harmless(scr
     with c.lock() as lock:
         e, _ = scripts.begin("t1", v, lock.fence, _digests(c, v))
         for r in range(2):
-            scripts.ack("t1", r, "PREPARED", int(e), c.tensor_digest(v, r))
+            scripts.ack("t1", r, "PREPARED", int(e), c.digest(v, r))
         scripts.decide("t1", v, None, "COMMIT", lock.fence)
     with pytest.raises(FencedOut, match="decision was made at epoch 1"):
-        scripts.ack("t1", 0, "COMMITTED", 0, c.tensor_digest(v, 0))
-    assert scripts.ack("t1", 0, "COMMITTED", 1, c.tensor_digest(v, 0)) == ["COMMITTING"]
-    assert scripts.ack("t1", 0, "COMMITTED", 1, c.tensor_digest(v, 0)) == ["COMMITTING"]
+        scripts.ack("t1", 0, "COMMITTED", 0, c.digest(v, 0))
+    assert scripts.ack("t1", 0, "COMMITTED", 1, c.digest(v, 0)) == ["COMMITTING"]
+    assert scripts.ack("t1", 0, "COMMITTED", 1, c.digest(v, 0)) == ["COMMITTING"]
     assert c.client.smembers(c.keys.open_txns) == {"t1"}
-    assert scripts.ack("t1", 1, "COMMITTED", 1, c.tensor_digest(v, 1)) == ["COMMITTED"]
+    assert scripts.ack("t1", 1, "COMMITTED", 1, c.digest(v, 1)) == ["COMMITTED"]
     assert c.client.smembers(c.keys.open_txns) == set()
     rank1 = c.rank_hash(1)
     assert (rank1["version"], rank1["epoch"], rank1["digest"]) == (
-        str(v), "1", c.tensor_digest(v, 1))  # fmt: skip
+        str(v), "1", c.digest(v, 1))  # fmt: skip
     assert 0 < c.client.ttl(c.keys.txn_acks("t1")) <= 86400
     txn_events = [e["to"] for e in c.events(kind="txn", txn="t1")]
     assert txn_events == ["PREPARING", "COMMITTING", "COMMITTED"]
@@ -200,7 +199,7 @@ def test_an_abort_closes_the_transaction_and_tells_every_rank_at_once(scripts) -
     v = c.make_version()
     with c.lock() as lock:
         scripts.begin("t1", v, lock.fence, _digests(c, v))
-        scripts.ack("t1", 0, "PREPARED", 0, c.tensor_digest(v, 0))
+        scripts.ack("t1", 0, "PREPARED", 0, c.digest(v, 0))
         assert scripts.decide("t1", v, None, "ABORT", lock.fence) == ["1"]
     assert c.status(v) == S.ABORTED
     assert c.versions.get(v).reason == "test abort"
@@ -230,11 +229,11 @@ def test_five_updates_in_a_row_commit_on_every_rank_with_the_artifacts_digests(
         for rank in state["ranks"]:
             assert rank["alive"] and rank["state"] == "READY"
             assert rank["version"] == v and rank["epoch"] == result["epoch"]
-            assert rank["digest"] == c.tensor_digest(v, rank["rank"])
+            assert rank["digest"] == c.digest(v, rank["rank"])
             assert rank["staged_version"] is None
         assert [r["state"] for r in c.coordinator.version_ranks(v)] == ["COMMITTED"] * 4
         assert [r["digest"] for r in c.coordinator.version_ranks(v)] == [
-            c.tensor_digest(v, r) for r in range(4)]  # fmt: skip
+            c.digest(v, r) for r in range(4)]  # fmt: skip
         epochs.append(result["epoch"])
         versions.append(v)
     assert epochs == sorted(set(epochs))
@@ -267,7 +266,7 @@ def test_rollback_to_the_previous_and_to_a_chosen_version(make_cluster) -> None:
     assert c.status(v3) == S.COMMITTED and c.status(v4) == S.ROLLED_BACK
     state = c.coordinator.active()
     assert state["active_version"] == v3
-    assert [r["digest"] for r in state["ranks"]] == [c.tensor_digest(v3, r) for r in range(4)]
+    assert [r["digest"] for r in state["ranks"]] == [c.digest(v3, r) for r in range(4)]
 
     result = c.rollback(v2)
     assert (result["version"], result["from_version"]) == (v2, v3)
@@ -275,7 +274,7 @@ def test_rollback_to_the_previous_and_to_a_chosen_version(make_cluster) -> None:
     state = c.coordinator.active()
     assert state["active_version"] == v2
     assert all(r["version"] == v2 for r in state["ranks"])
-    assert [r["digest"] for r in state["ranks"]] == [c.tensor_digest(v2, r) for r in range(4)]
+    assert [r["digest"] for r in state["ranks"]] == [c.digest(v2, r) for r in range(4)]
     assert c.coordinator.committed_history() == [v1, v2, v3, v4, v3, v2]
     # The version rolled back from is not a default target, whatever its age.
     assert c.coordinator.previous_committed() == v1

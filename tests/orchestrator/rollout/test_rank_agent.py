@@ -16,11 +16,13 @@ from fastapi import FastAPI, Request
 from api.errors import install_error_handlers
 from api.routers import artifacts as artifacts_router
 from orchestrator.errors import ConfigError, RolloutAborted
+from orchestrator.data.flat import pack
 from orchestrator.rollout.adapters import InMemoryAdapter, resolve_device
-from orchestrator.rollout.rank_agent import RankAgent, artifact_base_url
+from orchestrator.rollout.rank_agent import RankAgent
+from orchestrator.rollout.receive import artifact_base_url
+from orchestrator.rollout.slots import Held, ShardSlots
 from orchestrator.service.daemon import Refitd
 from orchestrator.settings import load_settings
-from orchestrator.state.artifacts import tensor_digest
 from orchestrator.state.redis_server import free_port
 from orchestrator.state.versions import VersionStatus
 from tests.conftest import wait_until
@@ -30,26 +32,60 @@ TRAINER = "trainer-token-0123456789"
 ADMIN = "admin-token-0123456789ab"
 
 
-# --- The built-in adapter -------------------------------------------------------------------
-def test_in_memory_adapter_holds_active_and_one_staged_shard_and_digests_what_it_holds() -> None:
-    adapter = InMemoryAdapter("cpu")
-    one, two = random_shards(2, seed=5)
-    d1 = adapter.stage(1, one)
-    assert d1 == tensor_digest(one)
-    assert (adapter.active_version, adapter.staged_version) == (None, 1)
-    assert adapter.commit(1) == d1 and adapter.held_digest() == d1
-    d2 = adapter.stage(2, two)
-    assert (adapter.active_version, adapter.staged_version) == (1, 2)
-    assert adapter.held_digest() == d1  # staging leaves the active shard alone
-    adapter.discard()
-    assert adapter.staged_version is None and adapter.active_version == 1
-    with pytest.raises(AssertionError):
-        adapter.commit(2)
-    adapter.stage(2, two)
-    assert adapter.commit(2) == d2 == adapter.held_digest()
-    # The digest is of what is held: a change to a held tensor shows.
-    adapter.held()["model.norm.weight"].add_(1)
-    assert adapter.held_digest() != d2
+# --- A rank's memory and the built-in adapter ------------------------------------------------
+def _held(version: int, seed: int) -> Held:
+    shard = pack(random_shards(1, seed=seed)[0], device="cpu")
+    return Held(version=version, shard=shard, digest=shard.digest())
+
+
+def test_slots_keep_the_previous_version_resident_and_a_rollback_swaps_without_a_copy() -> None:
+    slots = ShardSlots(keep_previous=True)
+    v1, v2, v3 = _held(1, 1), _held(2, 2), _held(3, 3)
+    slots.stage(v1)
+    assert slots.commit() is v1 and slots.previous is None
+    slots.stage(v2)
+    assert slots.active is v1  # staging leaves the active shard alone
+    slots.commit()
+    assert (slots.active, slots.previous) == (v2, v1)
+    # Rolling back to the resident previous version: the same objects swap places.
+    assert slots.stage_previous(2) is None and slots.stage_previous(1) is v1
+    slots.commit()
+    assert (slots.active, slots.previous) == (v1, v2)
+    # A new version pushes the oldest out; its buffer becomes the next staging buffer.
+    slots.stage(v3)
+    slots.commit()
+    assert (slots.active, slots.previous) == (v3, v1)
+    spare = slots.buffer_for(v2.shard.buffer.numel(), "cpu")
+    assert spare is not None and spare.data_ptr() == v2.shard.buffer.data_ptr()
+    assert slots.buffer_for(v2.shard.buffer.numel() + 1, "cpu") is None
+
+
+def test_without_keep_previous_a_rank_holds_one_version_and_discard_keeps_the_active() -> None:
+    slots = ShardSlots(keep_previous=False)
+    v1, v2 = _held(1, 1), _held(2, 2)
+    slots.stage(v1)
+    slots.commit()
+    slots.stage(v2)
+    slots.discard()
+    assert slots.staged is None and slots.active is v1
+    slots.stage(v2)
+    slots.commit()
+    assert (slots.active, slots.previous) == (v2, None)
+    assert slots.stage_previous(1) is None
+    with pytest.raises(RuntimeError, match="nothing is staged"):
+        slots.commit()
+
+
+def test_the_in_memory_adapter_serves_the_agents_own_buffers() -> None:
+    adapter = InMemoryAdapter()
+    held = _held(4, 4)
+    assert adapter.served_version is None and adapter.held() == {}
+    adapter.apply(4, held.shard.views())
+    assert adapter.served_version == 4
+    for name, tensor in adapter.held().items():
+        # Zero-copy: the served tensor is a view into the staged buffer.
+        assert tensor.untyped_storage().data_ptr() == held.shard.buffer.untyped_storage().data_ptr()
+        assert name in held.shard.views()
 
 
 def test_devices_follow_the_setting() -> None:
@@ -93,7 +129,7 @@ def test_a_restarted_rank_loads_the_active_version_before_it_is_ready(make_clust
 
     hash_ = wait_until(restarted, timeout_s=30)
     assert c.pid(1) != old_pid
-    assert hash_["version"] == str(v1) and hash_["digest"] == c.tensor_digest(v1, 1)
+    assert hash_["version"] == str(v1) and hash_["digest"] == c.digest(v1, 1)
     new_events = c.events(kind="rank", rank="1", instance=hash_["instance"])
     assert [e["to"] for e in new_events] == ["STARTING", "LOADED"]
     assert new_events[1]["version"] == str(v1)
@@ -114,12 +150,12 @@ def test_a_corrupt_shard_fails_prepare_and_the_abort_names_the_rank(make_cluster
     data[-1] ^= 0xFF  # same size, one flipped byte in the tensor data
     path.write_bytes(bytes(data))
 
-    with pytest.raises(RolloutAborted, match=r"rank 2 failed to prepare: .*sha256"):
+    with pytest.raises(RolloutAborted, match=r"rank 2 failed to prepare: .*has digest"):
         c.rollout(v2)
     version = c.versions.get(v2)
     assert version.status == VersionStatus.ABORTED and "rank 2" in (version.reason or "")
     ranks = {r["rank"]: r for r in c.coordinator.version_ranks(v2)}
-    assert ranks[2]["state"] == "FAILED" and "sha256" in ranks[2]["reason"]
+    assert ranks[2]["state"] == "FAILED" and "the version's" in ranks[2]["reason"]
     state = c.wait_ready(v1)  # every rank holds v1 and nothing staged
     assert all(h["staged_version"] is None for h in state["ranks"])
     assert state["active_version"] == v1
@@ -201,5 +237,5 @@ def test_ranks_fetch_their_shards_over_http_with_a_token(http_daemon) -> None:
         v = c.make_version()
         assert c.rollout(v)["pending_ranks"] == []
         state = c.wait_ready(v)
-        assert [r["digest"] for r in state["ranks"]] == [c.tensor_digest(v, r) for r in (0, 1)]
+        assert [r["digest"] for r in state["ranks"]] == [c.digest(v, r) for r in (0, 1)]
     assert sorted(requested) == sorted(f"/artifacts/{v}/{r} 200" for v in (1, 2) for r in (0, 1))

@@ -1,0 +1,178 @@
+"""Which way each rank's shard travels in a transaction, and keeping the daemon's buffers alive
+until it is decided.
+
+Per rank, the first route that applies (`ranks.transport`: auto | ipc | http):
+1. `resident`: the rank holds this very version as its previous one (a rollback, or a re-commit
+   of the version just rolled back from) with the same digest: no bytes move at all.
+2. `cuda_ipc` / `shm`: the daemon has the version's buffers (a rollout from the pipeline) and the
+   rank runs on this host: a CUDA IPC handle of the GPU buffer when the rank is on a GPU, else
+   the bytes in a shared-memory file (CPU ranks, as in CI). Not with `ranks.transport: http`.
+3. `artifact`: the stored artifact, read from disk where the rank can, else streamed over HTTP.
+   Only when it is durable; else the plan is refused (Conflict) and nothing was sent.
+The handles are released when the `RoutePlan` closes: after the decision, when every rank that
+will ever copy from them has acked (or the transaction was aborted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from orchestrator.errors import Conflict
+from orchestrator.settings import Settings
+from orchestrator.state.artifacts import ArtifactStore
+from orchestrator.state.keys import Keys
+
+if TYPE_CHECKING:
+    from orchestrator.data.flat import FlatShard
+    from orchestrator.state.versions import VersionRecord
+
+
+@dataclass
+class RoutePlan:
+    """Every rank's PREPARE entry, and what must stay alive while ranks copy from it."""
+
+    entries: list[dict[str, Any]]
+    _keep: list[Any] = field(default_factory=list)
+
+    def close(self) -> None:
+        for kept in self._keep:
+            with contextlib.suppress(Exception):
+                kept.release()
+        self._keep.clear()
+
+    def __enter__(self) -> RoutePlan:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def routes(self) -> list[str]:
+        return [e["via"] for e in self.entries]
+
+
+class Routes:
+    """Plans routes from what the ranks report in their hashes (host, device, previous version)."""
+
+    def __init__(
+        self, client: redis.Redis, keys: Keys, settings: Settings, artifacts: ArtifactStore
+    ) -> None:
+        self._r = client
+        self._keys = keys
+        self._settings = settings
+        self._artifacts = artifacts
+        self._host = socket.gethostname()
+
+    def needs_artifact(self) -> list[int]:
+        """The ranks that would have to read an artifact if a rollout with in-memory buffers
+        began now (other hosts, or `ranks.transport: http`): the pipeline then writes the
+        artifact before the rollout instead of after it."""
+        return [r for r, info in enumerate(self._rank_info()) if not self._local(info)]
+
+    def plan(
+        self, version: int, record: VersionRecord, shards: Sequence[FlatShard] | None
+    ) -> RoutePlan:
+        """Each rank's route for `version`; Conflict (nothing sent, nothing kept) when a rank has
+        none."""
+        tp_size = self._settings.ranks.tp_size
+        layout = record.layout
+        if not layout or len(layout.get("ranks", [])) != tp_size:
+            have = "no" if not layout else f"{len(layout.get('ranks', []))} ranks in its"
+            raise Conflict(
+                f"version {version} has {have} layout record, but ranks.tp_size is {tp_size}"
+            )
+        if shards is not None and len(shards) != tp_size:
+            raise ValueError(f"{len(shards)} shards for {tp_size} ranks")
+        digests = [r["digest"] for r in sorted(layout["ranks"], key=lambda r: r["rank"])]
+        artifact = self._artifact(version, record)
+        plan = RoutePlan(entries=[])
+        try:
+            for rank, info in enumerate(self._rank_info()):
+                entry = self._route(rank, info, version, digests[rank], shards, artifact, plan)
+                plan.entries.append({"digest": digests[rank], **entry})
+        except BaseException:
+            plan.close()
+            raise
+        return plan
+
+    def _route(
+        self,
+        rank: int,
+        info: dict[str, str],
+        version: int,
+        digest: str,
+        shards: Sequence[FlatShard] | None,
+        artifact: dict[int, dict[str, Any]] | None,
+        plan: RoutePlan,
+    ) -> dict[str, Any]:
+        if info.get("previous_version") == str(version) and info.get("previous_digest") == digest:
+            return {"via": "resident"}
+        if shards is not None and self._local(info):
+            return self._ipc(shards[rank], info, plan)
+        if self._settings.ranks.transport == "ipc":
+            raise Conflict(
+                f"ranks.transport is ipc, but rank {rank} runs on {info.get('host') or '?'}, not "
+                f"on this host ({self._host})"
+            )
+        if artifact is not None:
+            entry = artifact[rank]
+            return {"via": "artifact", "path": entry["path"], "bytes": entry["bytes"]}
+        where = "on another host" if info.get("host") != self._host else "set to ranks.transport http"
+        raise Conflict(
+            f"rank {rank} ({where}) needs the artifact of version {version}, which is not stored "
+            "(never written, or pruned by rollout.retention)"
+        )
+
+    def _ipc(self, shard: FlatShard, info: dict[str, str], plan: RoutePlan) -> dict[str, Any]:
+        from orchestrator.data.ipc import SharedBuffer, export
+
+        buffer = shard.buffer
+        if buffer.is_cuda and info.get("device", "").startswith("cuda"):
+            plan._keep.append(_Pin(buffer))
+            return {"via": "cuda_ipc", "handle": export(buffer)}
+        shared = SharedBuffer.create(buffer.numel())
+        plan._keep.append(shared)
+        shared.tensor.copy_(buffer)
+        return {"via": "shm", "handle": export(shared.tensor)}
+
+    def _local(self, info: dict[str, str]) -> bool:
+        transport = self._settings.ranks.transport
+        return transport != "http" and info.get("host") == self._host
+
+    def _rank_info(self) -> list[dict[str, str]]:
+        pipe = self._r.pipeline(transaction=False)
+        for r in range(self._settings.ranks.tp_size):
+            pipe.hmget(self._keys.rank(r), "host", "device", "previous_version", "previous_digest")
+        names = ("host", "device", "previous_version", "previous_digest")
+        return [
+            {k: v or "" for k, v in zip(names, reply, strict=True)} for reply in pipe.execute()
+        ]
+
+    def _artifact(self, version: int, record: VersionRecord) -> dict[int, dict[str, Any]] | None:
+        info = record.artifact
+        if not info or not self._artifacts.exists(version):
+            return None
+        return {entry["rank"]: entry for entry in info["ranks"]}
+
+
+@dataclass
+class _Pin:
+    """Holds a tensor exported by CUDA IPC until the plan closes."""
+
+    tensor: Any
+
+    def release(self) -> None:
+        self.tensor = None
+
