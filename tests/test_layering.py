@@ -55,6 +55,7 @@ RULES = [
         "orchestrator.rollout",
         ("orchestrator.rollout", "orchestrator.state", "orchestrator.settings", *LEAVES),
     ),
+    ("orchestrator.data", ("kernels", "orchestrator.data", *LEAVES)),
     ("orchestrator.errors", ()),
     ("orchestrator.text", ()),
 ]
