@@ -71,6 +71,9 @@ class VersionDetail(VersionSummary):
     quantization: list[dict[str, Any]] | None
     verification: dict[str, Any] | None
     artifact: dict[str, Any] | None
+    layout: dict[str, Any] | None = Field(
+        None, description="Per rank: the digest, bytes and tensor count of the shard it gets."
+    )
     ranks: list[dict[str, Any]]
 
 

@@ -80,8 +80,10 @@ def write_checkpoints(config: dict[str, Any], root: Path) -> list[Path]:
 
     dirs = [root / "step-a", root / "step-b"]
     stamp = root / "config.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == config and all(
-        (d / "model.safetensors.index.json").exists() for d in dirs
+    if (
+        stamp.exists()
+        and json.loads(stamp.read_text()) == config
+        and all((d / "model.safetensors.index.json").exists() for d in dirs)
     ):
         return dirs
     shutil.rmtree(root, ignore_errors=True)
@@ -165,15 +167,16 @@ def floors(d: Path, threads: int, fp8_bytes: int) -> dict[str, float]:
 
     out: dict[str, float] = {"bytes": float(total)}
     out["read_pinned"] = min(_wall(read_all) for _ in range(3))
-    gpu = torch.empty(total, dtype=torch.uint8, device="cuda")
-    out["h2d"] = _cuda_time(lambda: gpu.copy_(pinned, non_blocking=True))
-    del gpu, pinned
+    out["h2d"] = _copy_time(pinned, torch.empty(total, dtype=torch.uint8, device="cuda"))
     src = torch.randint(0, 255, (fp8_bytes,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    out["d2d_fp8"] = _cuda_time(lambda: dst.copy_(src))
-    del src, dst
-    torch.cuda.empty_cache()
+    out["d2d_fp8"] = _copy_time(src, torch.empty_like(src))
     return out
+
+
+def _copy_time(src: torch.Tensor, dst: torch.Tensor) -> float:
+    seconds = _cuda_time(lambda: dst.copy_(src, non_blocking=True))
+    torch.cuda.empty_cache()
+    return seconds
 
 
 def _wall(fn: Any) -> float:
@@ -360,7 +363,7 @@ def main() -> None:
             _, version = http("GET", f"{base}/weights/versions/{body['version']}")
             return elapsed, stages, version
 
-        warm, warm_stages, _ = push(dirs[0])
+        warm, _, _ = push(dirs[0])
         totals, per_stage, artifact_s = [], {s: [] for s in STAGES}, []
         for i in range(args.updates):
             elapsed, stages, version = push(dirs[(i + 1) % 2])
@@ -411,15 +414,15 @@ def report(r: dict[str, Any], args: argparse.Namespace, bf16_bytes: int, fp8_byt
     fl = r["floors"]
     gb = bf16_bytes / 1e9
     rows = [
-        ("POST -> COMMITTED (median of %d)" % args.updates, r["post_to_committed_s"], ""),
+        (f"POST -> COMMITTED (median of {args.updates})", r["post_to_committed_s"], ""),
         *[(f"  stage {s}", v, "") for s, v in r["stages_s"].items() if v > 0],
         ("first update (warm-up)", r["warmup_s"], ""),
         ("artifact durable after the commit", r["artifact_after_commit_s"], "off the hot path"),
         ("rollback to the previous version", r["rollback_s"], "resident, no disk"),
-        ("floor: page-cached files -> pinned (%.1f GB)" % gb, fl["read_pinned"],
+        (f"floor: page-cached files -> pinned ({gb:.1f} GB)", fl["read_pinned"],
          f"{gb / fl['read_pinned']:.1f} GB/s"),
-        ("floor: pinned H2D (%.1f GB)" % gb, fl["h2d"], f"{gb / fl['h2d']:.1f} GB/s"),
-        ("floor: D2D of the fp8 bytes (%.1f GB)" % (fp8_bytes / 1e9), fl["d2d_fp8"], ""),
+        (f"floor: pinned H2D ({gb:.1f} GB)", fl["h2d"], f"{gb / fl['h2d']:.1f} GB/s"),
+        (f"floor: D2D of the fp8 bytes ({fp8_bytes / 1e9:.1f} GB)", fl["d2d_fp8"], ""),
         ("floor: max(read, H2D) + D2D", r["floor_s"], ""),
     ]  # fmt: skip
     print()
@@ -429,7 +432,8 @@ def report(r: dict[str, Any], args: argparse.Namespace, bf16_bytes: int, fp8_byt
     for name, value, note in rows:
         print(f"{name:<52} {value:>9.3f}  {note}")
     print(f"{'POST -> COMMITTED / floor':<52} {r['post_to_committed_s'] / r['floor_s']:>9.2f}x")
-    print(f"{'longest heartbeat gap (interval %gs)' % r['heartbeat_interval_s']:<52} "
+    gap = f"longest heartbeat gap (interval {r['heartbeat_interval_s']:g}s)"
+    print(f"{gap:<52} "
           f"{r['heartbeat_gap_s']:>9.3f}")  # fmt: skip
     print(f"{'peak GPU memory over idle (GiB)':<52} {r['peak_gpu_mib_over_idle'] / 1024:>9.1f}")
     print("all POST -> COMMITTED:", " ".join(f"{t:.3f}" for t in r["all_s"]))

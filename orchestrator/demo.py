@@ -182,8 +182,9 @@ class Demo:
         self.refitctl("show", "2", token=self.admin_token)
 
         step(
-            4, "A corrupted push: step 102 holds a NaN. The pipeline's one pass over the data finds "
-            "it on the device: the version is rejected, no rank changes"
+            4,
+            "A corrupted push: step 102 holds a NaN. The pipeline's one pass over the data finds "
+            "it on the device: the version is rejected, no rank changes",
         )
         corrupt = dict(good)
         w = corrupt["model.layers.1.mlp.down_proj.weight"].clone()

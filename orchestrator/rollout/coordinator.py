@@ -234,6 +234,7 @@ class Coordinator:
                     "epoch": _opt_int(raw.get("epoch")),
                     "staged_version": _opt_int(raw.get("staged_version")),
                     "previous_version": _opt_int(raw.get("previous_version")),
+                    "reason": raw.get("reason") or None,
                     "device": raw.get("device") or None,
                     "pid": _opt_int(raw.get("pid")),
                     "host": raw.get("host") or None,

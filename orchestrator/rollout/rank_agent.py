@@ -61,7 +61,7 @@ from orchestrator.state.versions import EVENTS_MAXLEN
 if TYPE_CHECKING:
     from orchestrator.rollout.adapters import EngineAdapter
     from orchestrator.rollout.receive import Receiver
-    from orchestrator.rollout.slots import Held, ShardSlots
+    from orchestrator.rollout.slots import ShardSlots
 
 log = logging.getLogger("refitd.rank")
 
@@ -257,7 +257,9 @@ class RankAgent:
         if not raw[0]:
             raise NotFound(f"version {version} has no layout record")
         layout = _rank_entry(json.loads(raw[0]), self.rank, version, "layout")
-        artifact = _rank_entry(json.loads(raw[1]), self.rank, version, "artifact") if raw[1] else None
+        artifact = (
+            _rank_entry(json.loads(raw[1]), self.rank, version, "artifact") if raw[1] else None
+        )
         return layout, artifact
 
     def _load(self, version: int) -> None:

@@ -137,9 +137,7 @@ class Receiver:
             with self._http.stream("GET", url, headers=_bearer(self.settings)) as response:
                 if response.status_code != 200:
                     response.read()
-                    raise RefitError(
-                        f"GET {url} answered {response.status_code}: {response.text}"
-                    )
+                    raise RefitError(f"GET {url} answered {response.status_code}: {response.text}")
                 stream = IterStream(response.iter_bytes(1 << 20))
                 return read_shard(stream, device=self.device, pool=self._pool, expected=table)
         except httpx.HTTPError as exc:

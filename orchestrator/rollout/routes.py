@@ -129,7 +129,9 @@ class Routes:
         if artifact is not None:
             entry = artifact[rank]
             return {"via": "artifact", "path": entry["path"], "bytes": entry["bytes"]}
-        where = "on another host" if info.get("host") != self._host else "set to ranks.transport http"
+        where = (
+            "on another host" if info.get("host") != self._host else "set to ranks.transport http"
+        )
         raise Conflict(
             f"rank {rank} ({where}) needs the artifact of version {version}, which is not stored "
             "(never written, or pruned by rollout.retention)"
@@ -156,9 +158,7 @@ class Routes:
         for r in range(self._settings.ranks.tp_size):
             pipe.hmget(self._keys.rank(r), "host", "device", "previous_version", "previous_digest")
         names = ("host", "device", "previous_version", "previous_digest")
-        return [
-            {k: v or "" for k, v in zip(names, reply, strict=True)} for reply in pipe.execute()
-        ]
+        return [{k: v or "" for k, v in zip(names, reply, strict=True)} for reply in pipe.execute()]
 
     def _artifact(self, version: int, record: VersionRecord) -> dict[int, dict[str, Any]] | None:
         info = record.artifact
@@ -175,4 +175,3 @@ class _Pin:
 
     def release(self) -> None:
         self.tensor = None
-

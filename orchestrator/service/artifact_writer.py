@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from orchestrator import failpoints
 from orchestrator.errors import RefitError
 from orchestrator.state.artifacts import ArtifactStore
 from orchestrator.state.versions import VersionStore
@@ -71,6 +72,7 @@ class ArtifactWriter:
 
         def _write() -> None:
             try:
+                failpoints.hit("artifact.background")
                 self.write_now(version, shards, metadata)
             except (RefitError, OSError) as exc:
                 # The version stays committed and served; the next rollout, finding no durable

@@ -24,7 +24,7 @@ from orchestrator.state.artifacts import ArtifactStore
 from orchestrator.state.keys import Keys
 from orchestrator.state.redis_client import connect, redact
 from orchestrator.state.redis_server import EmbeddedRedis
-from orchestrator.state.versions import VersionStatus, VersionStore
+from orchestrator.state.versions import VersionStore
 
 log = logging.getLogger("refitd")
 

@@ -143,8 +143,12 @@ class VersionRecord:
             else {
                 "tp_size": self.layout.get("tp_size"),
                 "ranks": [
-                    {"rank": r["rank"], "digest": r["digest"], "bytes": r["nbytes"],
-                     "tensors": len(r["table"])}
+                    {
+                        "rank": r["rank"],
+                        "digest": r["digest"],
+                        "bytes": r["nbytes"],
+                        "tensors": len(r["table"]),
+                    }
                     for r in self.layout.get("ranks", [])
                 ],
             },

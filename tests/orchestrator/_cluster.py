@@ -25,11 +25,11 @@ import redis
 import torch
 import yaml
 
+from orchestrator.data.flat import pack
 from orchestrator.rollout.coordinator import Coordinator
 from orchestrator.rollout.lock import UpdateLock
 from orchestrator.rollout.supervisor import Supervisor
 from orchestrator.settings import REPO_ROOT, Settings, load_settings
-from orchestrator.data.flat import pack
 from orchestrator.state.artifacts import ArtifactStore, layout_record
 from orchestrator.state.keys import Keys
 from orchestrator.state.redis_client import connect

@@ -15,8 +15,8 @@ from fastapi import FastAPI, Request
 
 from api.errors import install_error_handlers
 from api.routers import artifacts as artifacts_router
-from orchestrator.errors import ConfigError, RolloutAborted
 from orchestrator.data.flat import pack
+from orchestrator.errors import ConfigError, RolloutAborted
 from orchestrator.rollout.adapters import InMemoryAdapter, resolve_device
 from orchestrator.rollout.rank_agent import RankAgent
 from orchestrator.rollout.receive import artifact_base_url

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from api.errors import install_error_handlers
 from api.routers import artifacts as artifacts_router
+from orchestrator.data.flat import FlatShard, pack
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.service.daemon import Refitd
 from orchestrator.settings import load_settings
-from orchestrator.data.flat import FlatShard, pack
 from orchestrator.state.artifacts import ArtifactStore, layout_record
 from tests.orchestrator._cluster import random_shards
 
