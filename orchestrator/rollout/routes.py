@@ -15,7 +15,6 @@ will ever copy from them has acked (or the transaction was aborted).
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from orchestrator.data.ipc import Exported, SharedBuffer
 from orchestrator.errors import Conflict
 from orchestrator.settings import Settings
 from orchestrator.state.artifacts import ArtifactStore
@@ -39,13 +39,10 @@ class RoutePlan:
     """Every rank's PREPARE entry, and what must stay alive while ranks copy from it."""
 
     entries: list[dict[str, Any]]
-    _keep: list[Any] = field(default_factory=list)
+    exported: Exported = field(default_factory=Exported)
 
     def close(self) -> None:
-        for kept in self._keep:
-            with contextlib.suppress(Exception):
-                kept.release()
-        self._keep.clear()
+        self.exported.release()
 
     def __enter__(self) -> RoutePlan:
         return self
@@ -138,16 +135,13 @@ class Routes:
         )
 
     def _ipc(self, shard: FlatShard, info: dict[str, str], plan: RoutePlan) -> dict[str, Any]:
-        from orchestrator.data.ipc import SharedBuffer, export
-
         buffer = shard.buffer
         if buffer.is_cuda and info.get("device", "").startswith("cuda"):
-            plan._keep.append(_Pin(buffer))
-            return {"via": "cuda_ipc", "handle": export(buffer)}
+            return {"via": "cuda_ipc", "handle": plan.exported.export(buffer)}
+        # CPU ranks: the bytes go through a shared-memory file (one host copy).
         shared = SharedBuffer.create(buffer.numel())
-        plan._keep.append(shared)
         shared.tensor.copy_(buffer)
-        return {"via": "shm", "handle": export(shared.tensor)}
+        return {"via": "shm", "handle": plan.exported.export(shared)}
 
     def _local(self, info: dict[str, str]) -> bool:
         transport = self._settings.ranks.transport
@@ -165,13 +159,3 @@ class Routes:
         if not info or not self._artifacts.exists(version):
             return None
         return {entry["rank"]: entry for entry in info["ranks"]}
-
-
-@dataclass
-class _Pin:
-    """Holds a tensor exported by CUDA IPC until the plan closes."""
-
-    tensor: Any
-
-    def release(self) -> None:
-        self.tensor = None

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import TRAINER, Api
+from tests.api.conftest import Api
 from tests.conftest import DaemonProcess, wait_until
 
 pytestmark = pytest.mark.slow
@@ -87,8 +87,10 @@ def test_a_rank_restarted_before_the_artifact_is_durable_waits_for_it_then_loads
 
     def waiting() -> bool:
         rank = api.get("/weights/active")["ranks"][1]
-        return rank["pid"] != pid and rank["state"] == "FAILED" and "not durable" in (
-            rank.get("reason") or ""
+        return (
+            rank["pid"] != pid
+            and rank["state"] == "FAILED"
+            and "not durable" in (rank.get("reason") or "")
         )
 
     wait_until(waiting, timeout_s=120, step_s=0.1)
