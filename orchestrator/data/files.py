@@ -65,7 +65,9 @@ class Readable(Protocol):
 class _Bucket:
     tensor: torch.Tensor  # (bucket_bytes,) uint8 host memory, pinned when the pool pins
     view: memoryview  # the same bytes, for os.preadv / os.write / hashlib
-    event: torch.cuda.Event | None = None  # the last device copy that reads or fills it
+    # The last device copy that reads or fills it. Blocking-sync events: a thread waiting on
+    # one sleeps instead of spinning on a core the readers need.
+    event: torch.cuda.Event | None = None
 
     def wait(self) -> None:
         """Block until the last device copy touching this bucket finished."""
@@ -348,7 +350,7 @@ def _fill_device(
                     dest[chunk.dest : chunk.dest + chunk.length].copy_(
                         bucket.tensor[: chunk.length], non_blocking=True
                     )
-                    bucket.event = torch.cuda.Event()
+                    bucket.event = torch.cuda.Event(blocking=True)
                     bucket.event.record(side)
                 pool._staged(chunk.length)
                 free.append(bucket)
@@ -586,7 +588,7 @@ def _write_from_device(
                 b.tensor[: c.length].copy_(
                     shard.buffer[c.dest : c.dest + c.length], non_blocking=True
                 )
-                b.event = torch.cuda.Event()
+                b.event = torch.cuda.Event(blocking=True)
                 b.event.record(side)
 
         try:

@@ -99,7 +99,8 @@ class SharedBuffer:
         """A new zero-filled shared buffer of nbytes."""
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        fd, name = tempfile.mkstemp(prefix=SHM_PREFIX, suffix=".buf", dir=dir)
+        # The pid in the name lets a restarted daemon find the files of a dead process.
+        fd, name = tempfile.mkstemp(prefix=f"{SHM_PREFIX}{os.getpid()}-", suffix=".buf", dir=dir)
         path = Path(name)
         try:
             os.ftruncate(fd, nbytes)
@@ -125,6 +126,29 @@ class SharedBuffer:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def remove_stale_shared_buffers(dir: Path = SHM_DIR) -> list[Path]:
+    """Unlink the shared buffers that processes no longer alive left in `dir` (a daemon that
+    was killed never released its own); returns what it removed."""
+    removed = []
+    for path in dir.glob(f"{SHM_PREFIX}*.buf"):
+        pid_text = path.name.removeprefix(SHM_PREFIX).split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _shared_buffer_of(tensor: torch.Tensor) -> SharedBuffer | None:

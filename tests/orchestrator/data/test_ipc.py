@@ -26,11 +26,13 @@ from orchestrator.data.ipc import (
     SharedBuffer,
     export,
     open_handle,
+    remove_stale_shared_buffers,
 )
 from tests.kernels.shapes import seed_for
 
 REPO = Path(__file__).resolve().parents[3]
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TEXT = {"capture_output": True, "text": True, "check": True, "timeout": 60}
 
 
 def receive(handle: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -118,6 +120,18 @@ def test_a_shared_buffer_is_private_unique_and_released_once(shm_dir):
     a.release()
     assert not a.path.exists() and b.path.exists()
     b.release()
+
+
+def test_the_shared_buffers_of_a_dead_process_are_swept_and_live_ones_kept(shm_dir):
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **TEXT)
+    dead_pid = int(child.stdout)
+    stale = shm_dir / f"{SHM_PREFIX}{dead_pid}-abc.buf"
+    stale.write_bytes(b"x" * 16)
+    live = SharedBuffer.create(16, dir=shm_dir)
+    assert live.path.name.startswith(f"{SHM_PREFIX}{os.getpid()}-")
+    assert remove_stale_shared_buffers(shm_dir) == [stale]
+    assert not stale.exists() and live.path.exists()
+    live.release()
 
 
 def test_a_cpu_tensor_outside_shared_memory_is_refused():
