@@ -50,12 +50,21 @@ RULES = [
     # (package, what it may import of ours)
     ("kernels", ("kernels",)),
     ("orchestrator.model", ("kernels", "orchestrator.model", *LEAVES)),
-    ("orchestrator.state", ("orchestrator.state", "orchestrator.settings", *LEAVES)),
+    ("orchestrator.data", ("kernels", "orchestrator.data", *LEAVES)),
+    (
+        "orchestrator.state",
+        ("orchestrator.state", "orchestrator.data", "orchestrator.settings", *LEAVES),
+    ),
     (
         "orchestrator.rollout",
-        ("orchestrator.rollout", "orchestrator.state", "orchestrator.settings", *LEAVES),
+        (
+            "orchestrator.rollout",
+            "orchestrator.state",
+            "orchestrator.data",
+            "orchestrator.settings",
+            *LEAVES,
+        ),
     ),
-    ("orchestrator.data", ("kernels", "orchestrator.data", *LEAVES)),
     ("orchestrator.errors", ()),
     ("orchestrator.text", ()),
 ]

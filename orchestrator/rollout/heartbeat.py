@@ -106,7 +106,7 @@ def _beat(spec: dict[str, Any]) -> None:
     while True:
         # stdin turns readable at EOF: the parent closed it, or died.
         readable, _, _ = select.select([sys.stdin], [], [], interval)
-        if readable and not sys.stdin.buffer.read1(4096):
+        if readable and not os.read(sys.stdin.fileno(), 4096):
             return
         if os.getppid() != spec["parent"]:
             return

@@ -126,11 +126,14 @@ class Routes:
         if artifact is not None:
             entry = artifact[rank]
             return {"via": "artifact", "path": entry["path"], "bytes": entry["bytes"]}
-        where = (
-            "on another host" if info.get("host") != self._host else "set to ranks.transport http"
-        )
+        if shards is None:
+            why = ""
+        elif info.get("host") != self._host:
+            why = " (it runs on another host)"
+        else:
+            why = " (ranks.transport is http)"
         raise Conflict(
-            f"rank {rank} ({where}) needs the artifact of version {version}, which is not stored "
+            f"rank {rank}{why} needs the artifact of version {version}, which is not stored "
             "(never written, or pruned by rollout.retention)"
         )
 

@@ -81,12 +81,12 @@ def test_a_rank_holding_the_version_as_its_previous_one_gets_it_resident(world) 
 
 
 def test_other_hosts_read_the_artifact_which_must_then_be_durable(world) -> None:
-    settings, client, keys, versions, store, routes = world()
+    _, client, keys, versions, store, routes = world()
     v, flats = _version(versions, 2, seed=3)
     _rank(client, keys, 0)
     _rank(client, keys, 1, host="elsewhere")
     assert routes.needs_artifact() == [1]
-    with pytest.raises(Conflict, match=r"rank 1 \(on another host\) needs the artifact"):
+    with pytest.raises(Conflict, match=r"rank 1 \(it runs on another host\) needs the artifact"):
         routes.plan(v, versions.get(v), flats)
     versions.set_fields(v, artifact=store.write_version(v, flats, metadata={}))
     with routes.plan(v, versions.get(v), flats) as plan:
@@ -113,7 +113,7 @@ def test_transport_http_sends_everyone_to_the_artifact_and_ipc_refuses_other_hos
 
 
 def test_a_version_without_a_layout_for_this_tp_size_is_refused(world) -> None:
-    _, client, keys, versions, _, routes = world(tp=4)
-    v, flats = _version(versions, 2, seed=6)
+    *_, versions, _, routes = world(tp=4)
+    v, _ = _version(versions, 2, seed=6)
     with pytest.raises(Conflict, match="2 ranks in its layout record, but ranks.tp_size is 4"):
         routes.plan(v, versions.get(v), None)
