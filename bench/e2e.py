@@ -265,15 +265,13 @@ def stage_sums(base: str) -> dict[str, float]:
     return sums
 
 
-def redis_url(data_dir: Path) -> str:
-    """The embedded Redis's URL, as refitd serve writes it for its rank agents."""
-    for name in ("url",):
-        path = data_dir / "redis" / name
-        if path.exists():
-            return path.read_text().strip()
-    sock = data_dir / "redis" / "redis.sock"
-    password = (data_dir / "redis" / "password").read_text().strip()
-    return f"unix://:{password}@{sock}?db=0"
+def redis_url(rank_pid: int) -> str:
+    """The embedded Redis's URL, as refitd serve hands it to its rank agents (their env)."""
+    environ = Path(f"/proc/{rank_pid}/environ").read_bytes().split(b"\0")
+    for item in environ:
+        if item.startswith(b"REFITD_REDIS__URL="):
+            return item.split(b"=", 1)[1].decode()
+    raise SystemExit(f"rank agent {rank_pid} has no REFITD_REDIS__URL")
 
 
 def main() -> None:
@@ -284,6 +282,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--keep", action="store_true", help="leave the daemon's data dir")
     args = parser.parse_args()
+    # A `timeout` around the bench sends SIGTERM: stop the daemon and show its log all the same.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM"))
 
     from orchestrator.settings import Settings
 
@@ -337,9 +337,8 @@ def main() -> None:
                                  + log_path.read_text()[-3000:])  # fmt: skip
             time.sleep(0.2)
         memory.start()
-        beats = HeartbeatGaps(
-            redis_url(data_dir), [f"refitd:rank:{r}:alive" for r in range(args.tp)]
-        )
+        alive_keys = [f"refitd:rank:{r}:alive" for r in range(args.tp)]
+        beats = HeartbeatGaps(redis_url(active["ranks"][0]["pid"]), alive_keys)
         beats.start()
 
         def push(d: Path) -> tuple[float, dict[str, float], dict[str, Any]]:
@@ -350,10 +349,13 @@ def main() -> None:
             if status != 202:
                 raise SystemExit(f"POST answered {status}: {body}")
             url = f"{base}/weights/updates/{body['update_id']}"
+            give_up = time.monotonic() + 180
             while True:
                 _, rec = http("GET", url)
                 if rec["status"] in ("succeeded", "failed"):
                     break
+                if time.monotonic() > give_up:
+                    raise SystemExit(f"update {body['version']} still {rec['stage']} after 180s")
                 time.sleep(0.002)
             elapsed = time.perf_counter() - t0
             if rec["status"] != "succeeded":
@@ -361,6 +363,8 @@ def main() -> None:
             after = stage_sums(base)
             stages = {s: after.get(s, 0.0) - before.get(s, 0.0) for s in STAGES}
             _, version = http("GET", f"{base}/weights/versions/{body['version']}")
+            spent = " ".join(f"{s} {v:.3f}" for s, v in stages.items() if v)
+            print(f"version {body['version']}: {elapsed:.3f}s {spent}", flush=True)
             return elapsed, stages, version
 
         warm, _, _ = push(dirs[0])
@@ -376,6 +380,10 @@ def main() -> None:
             while not http("GET", f"{base}/weights/versions/{version['version']}")[1].get(
                 "artifact"
             ):
+                if time.perf_counter() - t0 > 120:
+                    raise SystemExit(
+                        f"version {version['version']}'s artifact: not durable in 120s"
+                    )
                 time.sleep(0.05)
             artifact_s.append(time.perf_counter() - t0 + stages.get("rolling_out", 0.0))
         t0 = time.perf_counter()
@@ -405,6 +413,11 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
         log.close()
+        if not results:
+            print("--- serve.log (tail)\n" + log_path.read_text()[-6000:], flush=True)
+        out = os.environ.get("OUT")
+        if out:
+            shutil.copy(log_path, Path(out) / f"serve-tp{args.tp}.log")
         if not args.keep:
             shutil.rmtree(data_dir, ignore_errors=True)
     report(results, args, bf16_bytes, fp8_bytes)

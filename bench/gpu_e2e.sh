@@ -13,9 +13,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv | tee "$OUT/
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
     | tee -a "$OUT/env.txt"
 echo "== GPU tests"
-timeout 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_digest.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_digest.py \
     tests/orchestrator/data tests/orchestrator/rollout 2>&1 | tee "$OUT/pytest_gpu.txt" \
     | tail -25 || status=1
 echo "== bench/e2e.py $*"
-timeout 900 python3 bench/e2e.py "$@" 2>&1 | tee "$OUT/e2e.txt" | tail -40 || status=1
+timeout 300 python3 bench/e2e.py "$@" 2>&1 | tee "$OUT/e2e.txt" | tail -40 || status=1
 exit $status

@@ -74,12 +74,13 @@ class ArtifactWriter:
             try:
                 failpoints.hit("artifact.background")
                 self.write_now(version, shards, metadata)
-            except (RefitError, OSError) as exc:
+            except Exception as exc:
                 # The version stays committed and served; the next rollout, finding no durable
                 # fallback, writes its own artifact first. Readiness is not affected.
-                message = exc.message if isinstance(exc, RefitError) else str(exc)
+                message = exc.message if isinstance(exc, RefitError) else repr(exc)
                 self.last = {"version": version, "seconds": None, "error": message}
-                log.error("the artifact of version %d could not be written: %s", version, message)
+                log.exception("the artifact of version %d could not be written: %s", version,
+                              message)  # fmt: skip
             finally:
                 if then is not None:
                     then()

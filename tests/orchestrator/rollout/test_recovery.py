@@ -11,9 +11,9 @@ import signal
 import httpx
 import pytest
 
-from orchestrator.rollout.recovery import RESTART_REASON
 from orchestrator.rollout.supervisor import Supervisor
 from orchestrator.service.daemon import Refitd
+from orchestrator.service.recovery import RESTART_REASON
 from orchestrator.settings import load_settings
 from orchestrator.state.redis_server import free_port
 from orchestrator.state.versions import VersionStatus
