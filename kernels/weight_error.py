@@ -271,8 +271,9 @@ def weight_errors_reference(item: Item) -> torch.Tensor:
         scale = item.scale.float().repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
         diff = got * scale[:m, :n] - ref
         return _relative_reference(_blocks(diff), _blocks(ref))
-    scale = item.scale.float() if item.unit is Unit.ROWS and item.scale is not None else 1.0
-    return _relative_reference(got * scale - ref, ref)
+    if item.unit is Unit.ROWS and item.scale is not None:
+        got = got * item.scale.float()
+    return _relative_reference(got - ref, ref)
 
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.fp8 import FP8_DTYPE
+from orchestrator.model.planner import ModelPlan, Scheme, scale_name
 from orchestrator.text import some
 
 # A dtype as found: a torch dtype, or the name a file gave one that torch has no name for
@@ -89,6 +91,20 @@ def compare(found: Found, expected: Expected) -> Mismatch:
     return Mismatch(missing, unexpected, tuple(wrong_shape), tuple(wrong_dtype))
 
 
+def shipped_specs(plan: ModelPlan, rank: int | None) -> dict[str, tuple[tuple[int, ...], Accepted]]:
+    """Name -> (shape, dtype) of what `rank` holds (None: the whole model): fp8 data with an fp32
+    scale for a quantized weight, bf16 for everything else."""
+    shapes = plan.shipped_shapes(rank)
+    out: dict[str, tuple[tuple[int, ...], Accepted]] = {}
+    for t in plan.tensors.values():
+        if t.scheme is Scheme.NONE:
+            out[t.name] = (shapes[t.name], torch.bfloat16)
+        else:
+            out[t.name] = (shapes[t.name], FP8_DTYPE)
+            out[scale_name(t)] = (shapes[scale_name(t)], torch.float32)
+    return out
+
+
 def dtype_name(dtype: FoundDtype) -> str:
     """'bfloat16' for torch.bfloat16; a name torch does not know stays as the file gave it."""
     return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
@@ -101,4 +117,13 @@ def _alternatives(dtypes: Sequence[torch.dtype]) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-__all__ = ["UPDATE_DTYPES", "Expected", "Found", "Mismatch", "compare", "described", "dtype_name"]
+__all__ = [
+    "UPDATE_DTYPES",
+    "Expected",
+    "Found",
+    "Mismatch",
+    "compare",
+    "described",
+    "dtype_name",
+    "shipped_specs",
+]
