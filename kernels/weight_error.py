@@ -9,9 +9,11 @@ unquantized tensor) the relative RMS error
 with 0/0 = 0, x/0 = inf and a non-finite error (a NaN or Inf scale, an overflow) = inf, so a max
 over units always sees a broken one. The reference is bf16: the quantizers' own input
 (kernels/fp8.py, to_bf16), cast by the caller (Triton's interpreter truncates where the GPU rounds
-to nearest, so the cast is not done in the kernel). The kernel reads the reference, the shipped data
-and the scales once and writes one fp32 number per unit; many tensors share one launch through a
-table of their addresses, as the quantizers do.
+to nearest, so the cast is not done in the kernel). The kernel reads the reference, the shipped
+data and the scales once and writes two fp32 sums per unit (squared error, squared reference);
+many tensors share one launch through a table of their addresses, as the quantizers do. The ratio
+is taken in torch, after the pieces of a row split over several items (a row-parallel weight's
+ranks) are added up.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class Item:
     got: torch.Tensor
     scale: torch.Tensor | None
     unit: Unit
+    # Index of an earlier item (of the same call, ROWS or PLAIN, with as many rows) that this
+    # item's rows belong to: the column pieces of a row-parallel weight make one row together,
+    # and a row is judged whole (a piece holding only a row's tiny values would otherwise be
+    # judged alone against the row's scale). This item's own units then read 0.
+    adds_to: int | None = None
 
     def units(self) -> int:
         m, n = self.ref.shape
@@ -66,7 +73,9 @@ def _weight_error_kernel(
     ref_ptr,  # bf16 base of this launch's references; item t at meta[t, REF_OFF]
     got_ptr,  # base of the shipped tensors (fp8, or bf16 for PLAIN); item t at meta[t, GOT_OFF]
     s_ptr,  # fp32 base of the scales; item t's at meta[t, S_OFF] (unread for PLAIN)
-    err_ptr,  # (U,) fp32: every unit's error; item t's at meta[t, ERR_OFF]
+    sums_ptr,  # (2, U) fp32: every unit's squared error, then squared reference; item t's at
+    # meta[t, ERR_OFF] in each row
+    units,  # U
     meta_ptr,  # (T, META_COLS) int64: offsets (elements), row strides, M, N, first program
     prog_item_ptr,  # (programs,) int32: meta row of each program
     UNIT: tl.constexpr,  # a Unit value
@@ -104,7 +113,8 @@ def _weight_error_kernel(
         diff = tl.where(mask, got * scale - ref, 0.0)
         num = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
         den = tl.sum(tl.sum(ref * ref, axis=1), axis=0)
-        tl.store(err_ptr + err_off + local, _relative(num, den))
+        tl.store(sums_ptr + err_off + local, num)
+        tl.store(sums_ptr + units + err_off + local, den)
     else:
         row0 = local * ROWS
         row_ok = rows < m - row0
@@ -123,16 +133,8 @@ def _weight_error_kernel(
             diff = tl.where(mask, got * scale[:, None] - ref, 0.0)
             num += tl.sum(diff * diff, axis=1)
             den += tl.sum(ref * ref, axis=1)
-        tl.store(err_ptr + err_off + row0 + rows, _relative(num, den), mask=row_ok)
-
-
-@triton.jit
-def _relative(num, den):
-    # NaN fails every comparison, so it is caught by `num != num`; x/0 is inf and 0/0 is 0.
-    broken = (num != num) | (num == float("inf"))
-    safe_den = tl.where(den > 0, den, 1.0)
-    ratio = tl.where(den > 0, num / safe_den, tl.where(num > 0, float("inf"), 0.0))
-    return tl.where(broken, float("inf"), tl.sqrt(ratio))
+        tl.store(sums_ptr + err_off + row0 + rows, num, mask=row_ok)
+        tl.store(sums_ptr + units + err_off + row0 + rows, den, mask=row_ok)
 
 
 def weight_errors(
@@ -141,8 +143,16 @@ def weight_errors(
     """Every unit's error of every item, in one fp32 tensor, and where each item's units start
     (plus the total at the end). Triton for CUDA tensors, the reference otherwise; items of one
     unit kind and dtypes share a launch. Nothing waits for the device."""
-    for item in items:
+    for i, item in enumerate(items):
         _check(item)
+        owner = item.adds_to
+        if owner is not None and not (
+            0 <= owner < i
+            and items[owner].adds_to is None
+            and items[owner].unit is not Unit.BLOCKS
+            and items[owner].ref.shape[0] == item.ref.shape[0]
+        ):
+            raise ValueError(f"item {i} adds to item {owner}, which is not an earlier row item")
     starts = [0]
     for item in items:
         starts.append(starts[-1] + item.units())
@@ -151,24 +161,33 @@ def weight_errors(
     device = items[0].ref.device
     if any(t.device != device for i in items for t in (i.ref, i.got)):
         raise ValueError("one call takes tensors of one device")
-    out = torch.empty(starts[-1], dtype=torch.float32, device=device)
+    total = starts[-1]
+    sums = torch.empty(2, total, dtype=torch.float32, device=device)
     if not use_triton([i.ref for i in items], backend):
         for item, start in zip(items, starts, strict=False):
-            out[start : start + item.units()] = weight_errors_reference(item)
-        return out, starts
-    groups: dict[tuple[Unit, torch.dtype, torch.dtype], list[int]] = {}
-    for i, item in enumerate(items):
-        if item.units():
-            groups.setdefault((item.unit, item.ref.dtype, item.got.dtype), []).append(i)
-    for (unit, _, _), idx in groups.items():
-        _launch(unit, [items[i] for i in idx], [starts[i] for i in idx], out)
-    return out, starts
+            sums[:, start : start + item.units()] = torch.stack(_sums_reference(item))
+    else:
+        groups: dict[tuple[Unit, torch.dtype, torch.dtype], list[int]] = {}
+        for i, item in enumerate(items):
+            if item.units():
+                groups.setdefault((item.unit, item.ref.dtype, item.got.dtype), []).append(i)
+        for (unit, _, _), idx in groups.items():
+            _launch(unit, [items[i] for i in idx], [starts[i] for i in idx], sums)
+    merged = [(i, item.adds_to) for i, item in enumerate(items) if item.adds_to is not None]
+    if merged:
+        # Each merged item's units point at its owner's; everything else at itself.
+        target = torch.arange(total)
+        for i, owner in merged:
+            target[starts[i] : starts[i + 1]] = torch.arange(starts[owner], starts[owner + 1])
+        whole = torch.zeros_like(sums)
+        sums = whole.index_add_(1, target.to(device, non_blocking=True), sums)
+    return _relative(sums[0], sums[1]), starts
 
 
-def _launch(unit: Unit, items: list[Item], err_offs: list[int], out: torch.Tensor) -> None:
+def _launch(unit: Unit, items: list[Item], err_offs: list[int], sums: torch.Tensor) -> None:
     ref0, got0 = items[0].ref, items[0].got
     # PLAIN items have no scale; the kernel never reads it, any fp32 tensor will do as the base.
-    scales = [i.scale if i.scale is not None else out for i in items]
+    scales = [i.scale if i.scale is not None else sums for i in items]
     s0 = scales[0]
     rows_per_prog = BLOCK if unit is Unit.BLOCKS else _ROWS
     shapes = tuple(
@@ -177,7 +196,7 @@ def _launch(unit: Unit, items: list[Item], err_offs: list[int], out: torch.Tenso
         else (*i.ref.shape, cdiv(i.ref.shape[0], _ROWS))
         for i in items
     )
-    firsts, prog_items = _programs(tuple(s[2] for s in shapes), out.device)
+    firsts, prog_items = _programs(tuple(s[2] for s in shapes), sums.device)
     rows = []
     for item, scale, err_off, first in zip(items, scales, err_offs, firsts, strict=True):
         rows.append(
@@ -196,15 +215,15 @@ def _launch(unit: Unit, items: list[Item], err_offs: list[int], out: torch.Tenso
                 0,
             ]
         )
-    on_cuda = out.device.type == "cuda"
     meta = torch.tensor(rows, dtype=torch.int64)
-    if on_cuda:
-        meta = meta.pin_memory().to(out.device, non_blocking=True)
+    if sums.device.type == "cuda":
+        meta = meta.pin_memory().to(sums.device, non_blocking=True)
     _weight_error_kernel[(prog_items.numel(),)](
         ref0,
         got0,
         s0,
-        out,
+        sums,
+        sums.shape[1],
         meta,
         prog_items,
         UNIT=int(unit),
@@ -246,6 +265,8 @@ def _check(item: Item) -> None:
         )
     if item.ref.shape[1] > 1 and (item.ref.stride(1) != 1 or item.got.stride(1) != 1):
         raise ValueError("rows must be contiguous (a column stride of 1)")
+    if item.adds_to is not None and item.unit is Unit.BLOCKS:
+        raise ValueError("only row units add up across items")
     if item.unit is Unit.PLAIN:
         if item.scale is not None:
             raise ValueError("a PLAIN item has no scale")
@@ -261,8 +282,13 @@ def _check(item: Item) -> None:
 
 
 def weight_errors_reference(item: Item) -> torch.Tensor:
-    """Plain torch, the oracle: the item's unit errors (fp32, [units]) in the kernel's order."""
+    """Plain torch, the oracle: the item's own unit errors (fp32, [units]) in the kernel's order."""
     _check(item)
+    return _relative(*_sums_reference(item))
+
+
+def _sums_reference(item: Item) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per unit: sum of squared errors, sum of squared reference values (fp32)."""
     ref = item.ref.float()
     got = item.got.float()
     m, n = ref.shape
@@ -270,10 +296,10 @@ def weight_errors_reference(item: Item) -> torch.Tensor:
         assert item.scale is not None
         scale = item.scale.float().repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
         diff = got * scale[:m, :n] - ref
-        return _relative_reference(_blocks(diff), _blocks(ref))
+        return _blocks(diff).square().sum(-1), _blocks(ref).square().sum(-1)
     if item.unit is Unit.ROWS and item.scale is not None:
         got = got * item.scale.float()
-    return _relative_reference(got - ref, ref)
+    return (got - ref).square().sum(-1), ref.square().sum(-1)
 
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:
@@ -284,9 +310,8 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
     return padded.view(mb, BLOCK, nb, BLOCK).permute(0, 2, 1, 3).reshape(mb * nb, -1)
 
 
-def _relative_reference(diff: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    num = diff.square().sum(dim=-1)
-    den = ref.square().sum(dim=-1)
+def _relative(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """sqrt(num / den) per unit, with 0/0 = 0, x/0 = inf and a non-finite num (NaN) = inf."""
     inf = torch.full_like(num, torch.inf)
     ratio = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.where(num > 0, inf, 0))
     return torch.where(torch.isfinite(num), ratio, inf).sqrt()

@@ -32,6 +32,7 @@ thresholds are plain dataclasses built from the settings by the caller.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import logging
 import math
@@ -465,8 +466,23 @@ class Verifier:
             plain: list[tuple[Item, str]] = []
             for name in names:
                 ref = _bf16(state[name], self.device)
-                for item in _items(call, call.plan.tensors[name], ref, self.device):
-                    (plain if item.unit is Unit.PLAIN else quantized).append((item, name))
+                pieces = list(_items(call, call.plan.tensors[name], ref, self.device))
+                into = plain if pieces[0].unit is Unit.PLAIN else quantized
+                base = len(into)
+                for item in pieces:
+                    if item.adds_to is not None:  # an index among this tensor's pieces
+                        item = dataclasses.replace(item, adds_to=base + item.adds_to)
+                    into.append((item, name))
+            # bf16 items go last, so their owners move by the number of quantized ones.
+            plain = [
+                (
+                    i
+                    if i.adds_to is None
+                    else dataclasses.replace(i, adds_to=i.adds_to + len(quantized)),
+                    n,
+                )
+                for i, n in plain
+            ]
             both = quantized + plain
             errors, starts = weight_errors([item for item, _ in both])
             checked.add(errors, starts, [name for _, name in both], len(quantized))
@@ -626,7 +642,8 @@ def _items(
     call: _Call, tensor: TensorPlan, ref: torch.Tensor, device: torch.device
 ) -> Iterator[Item]:
     """The weight check's items for every rank's piece of one tensor (every copy of a replicated
-    one: each is checked against the update)."""
+    one: each is checked against the update). The pieces of a row-parallel tensor judged by row
+    add up to whole rows (`adds_to` counts among this tensor's items)."""
     dim = tensor.split_dim
     unit = {Scheme.BLOCKWISE: Unit.BLOCKS, Scheme.PER_CHANNEL: Unit.ROWS}.get(
         tensor.scheme, Unit.PLAIN
@@ -640,6 +657,9 @@ def _items(
         offset = 0
         for start, stop in tensor.ranges[rank]:
             size = stop - start
+            adds_to = (
+                0 if dim == 1 and unit is not Unit.BLOCKS and (rank, offset) != (0, 0) else None
+            )
             piece_scale = scale
             if unit is Unit.BLOCKS:
                 assert scale is not None
@@ -648,15 +668,25 @@ def _items(
                 assert scale is not None
                 piece_scale = scale.narrow(0, offset, size)
             yield _item(
-                ref.narrow(dim, start, size), data.narrow(dim, offset, size), piece_scale, unit
+                ref.narrow(dim, start, size),
+                data.narrow(dim, offset, size),
+                piece_scale,
+                unit,
+                adds_to,
             )
             offset += size
 
 
-def _item(ref: torch.Tensor, got: torch.Tensor, scale: torch.Tensor | None, unit: Unit) -> Item:
+def _item(
+    ref: torch.Tensor,
+    got: torch.Tensor,
+    scale: torch.Tensor | None,
+    unit: Unit,
+    adds_to: int | None = None,
+) -> Item:
     if ref.dim() == 1:  # a norm or a bias: one unit for the whole vector
         return Item(ref.view(1, -1), got.view(1, -1), None, unit)
-    return Item(ref, got, scale, unit)
+    return Item(ref, got, scale, unit, adds_to)
 
 
 # Put together what the ranks hold --------------------------------------------------------------
