@@ -89,12 +89,16 @@ _LAYOUTS: dict[str, Layout] = {
 }
 
 
+ScaledMMFn = Callable[..., torch.Tensor]  # torch._scaled_mm's signature
+
+
 @dataclass
 class ScaledMM(Gemm):
     """torch._scaled_mm where the probe found it right, the emulation elsewhere. Returns bf16."""
 
     blockwise_layout: str | None
     rowwise_ok: bool
+    scaled_mm: ScaledMMFn = torch._scaled_mm
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -111,7 +115,7 @@ class ScaledMM(Gemm):
         if self.blockwise_layout is None:
             return super().blockwise(xq, xs, wq, ws)
         scale_a, scale_b = _LAYOUTS[self.blockwise_layout](xs, ws)
-        return torch._scaled_mm(xq, wq.t(), scale_a, scale_b, out_dtype=BF16)
+        return self.scaled_mm(xq, wq.t(), scale_a, scale_b, out_dtype=BF16)
 
     def rowwise(
         self, xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor
@@ -119,7 +123,7 @@ class ScaledMM(Gemm):
         # fp8 GEMMs need both dims of the weight in multiples of 16 (16-byte rows).
         if not self.rowwise_ok or wq.shape[0] % 16 or wq.shape[1] % 16:
             return super().rowwise(xq, xs, wq, ws)
-        return torch._scaled_mm(xq, wq.t(), xs.contiguous(), ws.t().contiguous(), out_dtype=BF16)
+        return self.scaled_mm(xq, wq.t(), xs.contiguous(), ws.t().contiguous(), out_dtype=BF16)
 
 
 def select_gemm(device: torch.device) -> Gemm:
@@ -129,7 +133,7 @@ def select_gemm(device: torch.device) -> Gemm:
     return probe_scaled_mm(device, torch._scaled_mm)
 
 
-def probe_scaled_mm(device: torch.device, scaled_mm: Callable[..., torch.Tensor]) -> Gemm:
+def probe_scaled_mm(device: torch.device, scaled_mm: ScaledMMFn) -> ScaledMM:
     """Try `scaled_mm` (torch._scaled_mm's signature) on a tiny case with every scale layout; keep
     the first that matches the emulation. Scales differ by up to 2^8 from block to block and the
     scale grid is not square, so a layout read the wrong way round does not match by chance."""
@@ -164,7 +168,7 @@ def probe_scaled_mm(device: torch.device, scaled_mm: Callable[..., torch.Tensor]
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
         logger.debug("rowwise scaled_mm: %s", exc)
         rowwise_ok = False
-    chosen = ScaledMM(layout, rowwise_ok)
+    chosen = ScaledMM(layout, rowwise_ok, scaled_mm)
     if layout is None or not rowwise_ok:
         logger.warning(
             "torch._scaled_mm does not serve every FP8 GEMM on %s (%s); verification emulates "

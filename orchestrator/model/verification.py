@@ -265,7 +265,14 @@ class Verifier:
     """The verification of one model on one device: built once (per deployment), called per
     update. Not for concurrent calls (a lock serializes them)."""
 
-    def __init__(self, config: Mapping[str, Any], device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        device: torch.device | str = "cpu",
+        *,
+        gemm: Gemm | None = None,
+    ) -> None:
+        """`gemm`: how to compute the FP8 products; default `select_gemm(device)`."""
         started = time.perf_counter()
         self.config = dict(config)
         self.device = torch.device(device)
@@ -274,7 +281,7 @@ class Verifier:
             name: (shape, UPDATE_DTYPES) for name, shape in expected_shapes(self.reference).items()
         }
         self.candidate = build_model(config)
-        self.gemm: Gemm = select_gemm(self.device)
+        self.gemm: Gemm = gemm if gemm is not None else select_gemm(self.device)
         self._lock = threading.Lock()
         self._call: _Call | None = None
         self._source: Mapping[str, torch.Tensor] | None = None  # the reference's weights now
