@@ -18,15 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from kernels.blockwise import dequantize_blockwise
-from kernels.fp8 import BLOCK, FP8_DTYPE, FP8_MAX
+from kernels.fp8 import BLOCK, FP8_DTYPE
+from kernels.token_group import ACTIVATION_EPS, dequantize_token_groups, quantize_token_groups
 
 logger = logging.getLogger("refitd.verification")
 
 BF16 = torch.bfloat16
-
-# SGLang's per_token_group_quant_fp8 floors a group's absmax here, so an all-zero group of
-# activations quantizes to zeros with a finite scale.
-ACTIVATION_EPS = 1e-10
 
 
 def quantize_activation_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,24 +31,14 @@ def quantize_activation_groups(x: torch.Tensor, group: int) -> tuple[torch.Tenso
 
     `x` is [T, K]; each run of `group` consecutive channels of each token gets one scale
     max(|x|) / 448 (a last, shorter group its own), and q = x / scale, clamped, rounded to e4m3.
+    One Triton launch on a GPU for 128-channel groups (kernels/token_group.py).
     """
-    if group < 1:
-        raise ValueError(f"group must be positive, got {group}")
-    tokens, channels = x.shape
-    xf = x.float()
-    pad = (-channels) % group
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, pad))
-    groups = xf.view(tokens, -1, group)
-    scale = groups.abs().amax(dim=-1, keepdim=True).clamp_min(ACTIVATION_EPS) / FP8_MAX
-    q = (groups / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(tokens, -1)
-    return (q[:, :channels] if pad else q), scale.squeeze(-1)
+    return quantize_token_groups(x, group)
 
 
 def dequantize_activation_groups(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
     """q * scale, each scale spread over its group: fp32 [T, K]."""
-    expanded = scale.repeat_interleave(group, dim=1)[:, : q.shape[1]]
-    return q.float() * expanded
+    return dequantize_token_groups(q, scale, group)
 
 
 class Gemm:

@@ -91,7 +91,7 @@ class ServedLinear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         if self.row_pieces is None:
             assert self.weight is not None, "ServedLinear called before load()"
-            out = self._partial(x, self.weight, self.scale, shared=True).float()
+            out = self._partial(x, self.weight, self.scale, shared=True)
         else:
             # The all-reduce sums what each rank computed, rounded to bf16 as it is sent.
             out = torch.zeros(flat.shape[0], self.out_features, device=x.device)
@@ -99,7 +99,8 @@ class ServedLinear(nn.Module):
                 x_rank = torch.cat([flat[:, a:b] for a, b in piece.columns], dim=-1)
                 out += self._partial(x_rank, piece.weight, piece.scale, shared=False).to(BF16)
         if self.bias is not None:
-            out = out + self.bias.float()
+            out = out.float() + self.bias.float()
+        # A scaled_mm result is bf16 already: no pass over it unless something changes it.
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def _partial(
