@@ -45,7 +45,8 @@ def _token_group_kernel(
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)
     # div_rn: IEEE division, as torch does; a plain `/` may compile to an approximate one.
     scale = tl.math.div_rn(amax, tl.full([GROUPS_PER_PROG], FP8_MAX, tl.float32))
-    y = tl.math.div_rn(x, scale[:, None])
+    # div_rn does not broadcast (it maps to one precise-division op of equal shapes).
+    y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], (GROUPS_PER_PROG, GROUP)))
     y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
     tl.store(q_ptr + token * k + col, y.to(tl.float8e4nv), mask=mask)
     tl.store(s_ptr + token * groups + g, scale, mask=g < groups)
