@@ -479,11 +479,16 @@ class Verifier:
     def _weight_check(self, call: _Call) -> _Checked:
         """Launch the weight check of every rank's piece of every shipped tensor; nothing waits.
 
-        When the update is bf16 on the device, the pieces are views and the whole model goes in
-        one call (a few launches); otherwise layer by layer, so only one layer's cast is alive.
+        When the update is bf16 and the shards are on the device, the pieces are views and the
+        whole model goes in one call (a few launches); otherwise layer by layer, so only one
+        layer's cast or copy is alive.
         """
         state = call.state
         in_place = all(t.dtype == BF16 and t.device == self.device for t in state.values())
+        # Shards elsewhere (the CPU) are copied in piece by piece: a layer at a time, then.
+        in_place = in_place and all(
+            t.device == self.device for shard in call.shards for t in shard.values()
+        )
         groups = [list(self.expected)] if in_place else [*self._layer_names, self._outer_names]
         checked = _Checked()
         for names in groups:
