@@ -69,3 +69,14 @@ def test_other_group_sizes_and_the_cpu_use_the_reference():
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
     with pytest.raises(ValueError, match="2-D"):
         quantize_token_groups(x[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [*SHAPES, (512, 4096), (512, 12288)])
+def test_the_compiled_kernel_equals_the_reference_bit_for_bit_on_the_gpu(shape):
+    x = _activations(shape, torch.bfloat16, seed_for("token_group gpu", shape)).cuda()
+    q, s = quantize_token_groups(x)
+    q_ref, s_ref = quantize_token_groups_reference(x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

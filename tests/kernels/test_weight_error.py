@@ -134,3 +134,19 @@ def test_items_are_checked():
         weight_errors([item, Item(rows.ref, rows.got, rows.scale, Unit.ROWS, adds_to=0)])
     with pytest.raises(ValueError, match="not an earlier row item"):
         weight_errors([Item(rows.ref, rows.got, rows.scale, Unit.ROWS, adds_to=0)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_compiled_kernel_equals_the_reference_on_the_gpu():
+    items = [make((1823, 781), seed_for("gpu", kind)) for kind, make in MAKERS.items()]
+    wide = _blockwise((256, 512), 9)
+    items.append(Item(wide.ref[:, 128:384], wide.got[:, 128:384], wide.scale[:, 1:3], Unit.BLOCKS))
+    on_gpu = [
+        Item(i.ref.cuda(), i.got.cuda(), None if i.scale is None else i.scale.cuda(), i.unit)
+        for i in items
+    ]
+    got, starts = weight_errors(on_gpu)
+    for i, item in enumerate(items):
+        want = weight_errors_reference(item)
+        assert torch.allclose(got[starts[i] : starts[i + 1]].cpu(), want, rtol=1e-4, atol=1e-7)

@@ -199,3 +199,18 @@ def test_a_broken_scaled_mm_layout_would_be_caught_by_the_gate():
     report = Verifier(CONFIG, gemm=gemm)(_update(), shards, plan, probe_batch(512), Thresholds())
     assert not report.passed and "mean_kl" in report.reason
     assert FP8_DTYPE in {t.dtype for t in shards[0].values()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tp", [1, 2])
+def test_on_the_gpu_an_honest_update_scores_as_on_the_cpu(tp):
+    plan, shards = _shipped(tp)
+    cuda = torch.device("cuda")
+    update = {n: t.to(cuda) for n, t in _update().items()}
+    on_gpu = [{n: t.to(cuda) for n, t in s.items()} for s in shards]
+    gpu = Verifier(CONFIG, cuda)(update, on_gpu, plan, probe_batch(512), Thresholds())
+    cpu = Verifier(CONFIG)(_update(), shards, plan, probe_batch(512), Thresholds())
+    assert gpu.passed, (gpu.reason, gpu.gemm)
+    assert gpu.metrics["max_weight_error"] == pytest.approx(cpu.metrics["max_weight_error"], 1e-4)
+    assert gpu.metrics["mean_kl"] == pytest.approx(cpu.metrics["mean_kl"], rel=0.3)
