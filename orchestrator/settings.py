@@ -94,9 +94,10 @@ class ProbeSettings(_Section):
 
 
 class ThresholdSettings(_Section):
-    max_mean_kl: float = Field(0.03, gt=0)
+    max_mean_kl: float = Field(0.05, gt=0)
     max_max_kl: float = Field(1.0, gt=0)
-    min_top1: float = Field(0.8, ge=0, le=1)
+    min_top1_near_agreement: float = Field(0.9, ge=0, le=1)
+    top1_margin_nats: float = Field(1.0, gt=0)
     max_abs_logit_diff: float = Field(5.0, gt=0)
     max_weight_error: float = Field(0.0625, gt=0)
 

@@ -53,14 +53,30 @@ def probe_batch(
     return torch.randint(0, vocab_size, (count, length), generator=generator, dtype=torch.int64)
 
 
-def logit_metrics(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+# A reference's top tokens within this many nats of each other are a near-tie: any rounding may
+# pick either, so the candidate picking the other one is not a disagreement (README: calibration).
+TOP1_MARGIN_NATS = 1.0
+
+
+def logit_metrics(
+    reference: torch.Tensor, candidate: torch.Tensor, *, margin: float = TOP1_MARGIN_NATS
+) -> dict[str, float]:
     """Compare candidate logits with reference logits, both [batch, seq, vocab].
 
-    `mean_kl` / `max_kl`: per-token KL(reference || candidate) in nats, averaged / maximized over
-    every position; `top1_agreement`: share of positions whose argmax agrees; `max_abs_logit_diff`:
-    the largest |candidate - reference| over every position and vocabulary entry. Computed in fp32.
-    A non-finite logit anywhere makes the KL and logit metrics inf (never NaN), so a threshold
-    comparison always fails it.
+    - `mean_kl` / `max_kl`: per-token KL(reference || candidate) in nats, averaged / maximized
+      over every position;
+    - `top1_near_agreement`: share of positions where the candidate's top token is the
+      reference's, or one the reference scores within `margin` nats of its own top token (so a
+      near-tie that rounding flips is not a disagreement; a flip to a token the reference finds
+      clearly less likely is);
+    - `top1_agreement`: share of positions whose argmax agrees exactly (near-ties included; shown,
+      not gated);
+    - `max_top1_regret`: the largest log p_ref(reference's top) - log p_ref(candidate's top);
+    - `max_abs_logit_diff`: the largest |candidate - reference| over every position and entry.
+
+    Computed in fp32 on the logits' device, with one device-to-host transfer at the end. A
+    non-finite logit anywhere makes the KL and logit metrics inf (never NaN) and the agreements 0,
+    so a threshold comparison always fails it.
     """
     if reference.shape != candidate.shape:
         raise ValueError(
@@ -71,41 +87,46 @@ def logit_metrics(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str,
     ref_rows = reference.reshape(-1, vocab)
     cand_rows = candidate.reshape(-1, vocab)
     tokens = ref_rows.shape[0]
-    kl_sum = 0.0
-    kl_max = 0.0
-    agree = 0
-    diff_max = 0.0
-    finite = True
+    if tokens == 0:
+        raise ValueError("no logits to compare")
+    sums: list[torch.Tensor] = []  # per chunk: kl sum, agree, near agree, finite
+    maxes: list[torch.Tensor] = []  # per chunk: kl max, regret max, diff max
     for start in range(0, tokens, _ROWS_PER_CHUNK):
         ref = ref_rows[start : start + _ROWS_PER_CHUNK].float()
         cand = cand_rows[start : start + _ROWS_PER_CHUNK].float()
-        finite = finite and bool(torch.isfinite(ref).all()) and bool(torch.isfinite(cand).all())
-        if not finite:
-            break
+        finite = torch.isfinite(ref).all() & torch.isfinite(cand).all()
         ref_logp = torch.log_softmax(ref, dim=-1)
         cand_logp = torch.log_softmax(cand, dim=-1)
-        kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(dim=-1)
         # KL is never negative; fp32 rounding can give -1e-9 on identical rows.
-        kl = kl.clamp_min(0.0)
-        kl_sum += float(kl.sum())
-        kl_max = max(kl_max, float(kl.max()))
-        agree += int((ref.argmax(dim=-1) == cand.argmax(dim=-1)).sum())
-        diff_max = max(diff_max, float((cand - ref).abs().max()))
-    if not finite:
+        kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(dim=-1).clamp_min(0.0)
+        ref_top = ref_logp.max(dim=-1)
+        picked = ref_logp.gather(-1, cand.argmax(dim=-1, keepdim=True)).squeeze(-1)
+        regret = ref_top.values - picked
+        agree = (ref_top.indices == cand.argmax(dim=-1)).sum()
+        near = (regret <= margin).sum()
+        sums.append(torch.stack([kl.sum(), agree.float(), near.float(), finite.float()]))
+        maxes.append(torch.stack([kl.max(), regret.max(), (cand - ref).abs().max()]))
+    kl_sum, agree, near, finite_chunks = torch.stack(sums).sum(dim=0).tolist()
+    kl_max, regret_max, diff_max = torch.stack(maxes).amax(dim=0).tolist()
+    if finite_chunks < len(sums):
         return {
             "mean_kl": float("inf"),
             "max_kl": float("inf"),
+            "top1_near_agreement": 0.0,
             "top1_agreement": 0.0,
+            "max_top1_regret": float("inf"),
             "max_abs_logit_diff": float("inf"),
             "tokens": float(tokens),
         }
     return {
         "mean_kl": kl_sum / tokens,
         "max_kl": kl_max,
+        "top1_near_agreement": near / tokens,
         "top1_agreement": agree / tokens,
+        "max_top1_regret": regret_max,
         "max_abs_logit_diff": diff_max,
         "tokens": float(tokens),
     }
 
 
-__all__ = ["logit_metrics", "probe_batch"]
+__all__ = ["TOP1_MARGIN_NATS", "logit_metrics", "probe_batch"]

@@ -21,7 +21,7 @@ from kernels.fp8 import BLOCK, FP8_DTYPE
 from kernels.grouped import quantize_blockwise_many, quantize_per_channel_many
 from kernels.per_channel import dequantize_per_channel
 from orchestrator.model.planner import ModelPlan, PlanError, Range, Scheme, TensorPlan, scale_name
-from orchestrator.text import some
+from orchestrator.model.structure import UPDATE_DTYPES, compare, described
 
 Ranges = tuple[tuple[Range, ...], ...]
 # (shipped name, dim it is split along or None when every rank holds it whole, per-rank ranges)
@@ -242,29 +242,15 @@ def _all_to_cpu(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _check_state(state: Mapping[str, torch.Tensor], plan: ModelPlan) -> None:
-    expected = {name: t.shape for name, t in plan.tensors.items()}
-    _check_shapes("update", state, expected)
-    odd = [name for name, t in state.items() if not t.is_floating_point()]
-    if odd:
-        raise PlanError(f"update: tensors that are not floating point: {some(odd)}")
+    expected = {name: (t.shape, UPDATE_DTYPES) for name, t in plan.tensors.items()}
+    mismatch = compare(described(state), expected)
+    if mismatch:
+        raise PlanError(f"update does not match the TP plan: {mismatch.describe()}")
 
 
 def _check_shapes(
     what: str, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]
 ) -> None:
-    missing = [name for name in expected if name not in tensors]
-    extra = [name for name in tensors if name not in expected]
-    wrong = [
-        f"{name} {list(tensors[name].shape)} (expected {list(shape)})"
-        for name, shape in expected.items()
-        if name in tensors and tuple(tensors[name].shape) != shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {some(missing)}")
-    if extra:
-        problems.append(f"unexpected {some(extra)}")
-    if wrong:
-        problems.append(f"wrong shape {some(wrong)}")
-    if problems:
-        raise PlanError(f"{what} does not match the TP plan: " + "; ".join(problems))
+    mismatch = compare(described(tensors), {name: (s, None) for name, s in expected.items()})
+    if mismatch:
+        raise PlanError(f"{what} does not match the TP plan: {mismatch.describe()}")

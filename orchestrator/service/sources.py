@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from kernels.finite import find_non_finite
 from orchestrator.errors import InvalidUpdate, PayloadTooLarge, SourceNotAllowed
+from orchestrator.model.structure import compare
 from orchestrator.state.artifacts import fsync_dir
 from orchestrator.text import some
 
@@ -211,29 +212,10 @@ def check_header(
 ) -> None:
     """Refuse an update whose tensor names, shapes or dtypes (from its headers) differ from the
     model's. One InvalidUpdate lists every problem, naming the tensors."""
-    problems = []
-    missing = sorted(set(expected) - set(header))
-    unexpected = sorted(set(header) - set(expected))
-    if missing:
-        problems.append(f"missing tensors: {some(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {some(unexpected)}")
-    shapes = [
-        f"{name} has shape {list(shape)}, expected {list(expected[name][0])}"
-        for name, (_, shape) in sorted(header.items())
-        if name in expected and tuple(shape) != tuple(expected[name][0])
-    ]
-    dtypes = [
-        f"{name} is {dtype}, expected one of bf16, fp16, fp32"
-        for name, (dtype, _) in sorted(header.items())
-        if name in expected and UPDATE_DTYPE_NAMES.get(dtype) not in expected[name][1]
-    ]
-    if shapes:
-        problems.append("wrong shapes: " + some(shapes))
-    if dtypes:
-        problems.append("wrong dtypes: " + some(dtypes))
-    if problems:
-        raise InvalidUpdate("; ".join(problems))
+    found = {name: (shape, UPDATE_DTYPE_NAMES.get(dt, dt)) for name, (dt, shape) in header.items()}
+    mismatch = compare(found, expected)
+    if mismatch:
+        raise InvalidUpdate(mismatch.describe())
 
 
 def scan_non_finite(source: WeightFiles) -> None:

@@ -71,7 +71,7 @@ def _check_verification(ver: dict[str, Any]) -> None:
     limits = ver["thresholds"]
     assert ver["metrics"]["mean_kl"] <= limits["max_mean_kl"]
     assert ver["metrics"]["max_kl"] <= limits["max_max_kl"]
-    assert ver["metrics"]["top1_agreement"] >= limits["min_top1"]
+    assert ver["metrics"]["top1_near_agreement"] >= limits["min_top1_near_agreement"]
     assert ver["metrics"]["max_abs_logit_diff"] <= limits["max_abs_logit_diff"]
     assert ver["seconds"] > 0
 
