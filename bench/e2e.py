@@ -72,8 +72,9 @@ def model_config(scale: float) -> dict[str, Any]:
 
 # Checkpoints -------------------------------------------------------------------------------
 def write_checkpoints(config: dict[str, Any], root: Path) -> list[Path]:
-    """Two checkpoints (a base and one honest step from it), each in FILES safetensors files
-    with an index, unless they are already there."""
+    """Two checkpoints, each FILES safetensors files with an index, unless already there: a base,
+    and a step that changes the last file's tensors (the others are hard links, so the pair
+    takes 20 GB of disk, not 33; the daemon reads every file either way)."""
     from safetensors.torch import save_file
 
     from orchestrator.model.synthetic import base_state, honest_update
@@ -90,23 +91,23 @@ def write_checkpoints(config: dict[str, Any], root: Path) -> list[Path]:
     root.mkdir(parents=True)
     t0 = time.perf_counter()
     state = base_state(config, seed=0, device="cuda")
-    for d, current in zip(dirs, (state, None), strict=True):
-        if current is None:
-            current = honest_update(state, seed=1)
+    names = sorted(state)
+    per_file = math.ceil(len(names) / FILES)
+    parts = [names[i * per_file : (i + 1) * per_file] for i in range(FILES)]
+    files = [f"model-{i + 1:05d}-of-{FILES:05d}.safetensors" for i in range(FILES)]
+    weight_map = {n: f for f, part in zip(files, parts, strict=True) for n in part}
+    for d in dirs:
         d.mkdir()
-        names = sorted(current)
-        per_file = math.ceil(len(names) / FILES)
-        weight_map = {}
-        for i in range(FILES):
-            part = names[i * per_file : (i + 1) * per_file]
-            fname = f"model-{i + 1:05d}-of-{FILES:05d}.safetensors"
-            save_file({n: current[n].cpu() for n in part}, str(d / fname))
-            weight_map.update({n: fname for n in part})
         (d / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map})
         )
-        del current
-    del state
+    for f, part in zip(files, parts, strict=True):
+        save_file({n: state[n].cpu() for n in part}, str(dirs[0] / f))
+        if f != files[-1]:
+            os.link(dirs[0] / f, dirs[1] / f)
+    step = honest_update({n: state[n] for n in parts[-1]}, seed=1)
+    save_file({n: t.cpu() for n, t in step.items()}, str(dirs[1] / files[-1]))
+    del state, step
     torch.cuda.empty_cache()
     stamp.write_text(json.dumps(config))
     print(f"wrote 2 checkpoints in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -311,6 +312,9 @@ def main() -> None:
         "REFITD_MODEL__CONFIG": str(args.dir / "config.json"),
         "REFITD_SOURCES__ALLOWED_ROOTS": json.dumps([str(ckpt_root)]),
         "REFITD_RANKS__TP_SIZE": str(args.tp),
+        # Not a speed setting: the bench machine's 64 GiB disk holds the two checkpoints and
+        # two 9.4 GB artifacts, not the default five.
+        "REFITD_ROLLOUT__RETENTION": "2",
         "PYTHONUNBUFFERED": "1",
     }
     base = f"http://127.0.0.1:{port}"

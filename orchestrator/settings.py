@@ -67,8 +67,8 @@ class RankSettings(_Section):
 
 class DataPathSettings(_Section):
     staging_bucket_mb: int = Field(64, ge=1, le=4096)
-    staging_buckets: int = Field(4, ge=2, le=64)
-    reader_threads: int = Field(8, ge=1, le=64)
+    staging_buckets: int = Field(16, ge=2, le=256)
+    reader_threads: int = Field(16, ge=1, le=64)
 
 
 class SourceSettings(_Section):

@@ -120,7 +120,12 @@ class Coordinator:
 
     # Public API ----------------------------------------------------------------------------
     def rollout(
-        self, version: int, *, fence: int, shards: Sequence[FlatShard] | None = None
+        self,
+        version: int,
+        *,
+        fence: int,
+        shards: Sequence[FlatShard] | None = None,
+        prune: bool = True,
     ) -> dict[str, Any]:
         """Switch every rank to `version` (QUANTIZED or VERIFIED, its layout recorded), or none.
 
@@ -152,9 +157,12 @@ class Coordinator:
                 self._versions.transition(version, _S.ABORTED, reason=reason)
                 raise RolloutAborted(f"rollout of version {version} aborted: {reason}") from None
             with routes:
-                return self._run(version, TxnKind.ROLLOUT, routes.entries, fence=fence)
+                return self._run(version, TxnKind.ROLLOUT, routes.entries, fence=fence,
+                                 prune=prune)  # fmt: skip
 
-    def rollback(self, to_version: int | None = None, *, fence: int) -> dict[str, Any]:
+    def rollback(
+        self, to_version: int | None = None, *, fence: int, prune: bool = True
+    ) -> dict[str, Any]:
         """Switch every rank back to `to_version` (default: the previous committed version).
 
         The target must have been active before (SUPERSEDED or ROLLED_BACK) and its artifacts
@@ -185,7 +193,8 @@ class Coordinator:
                 )
             self.settle_open(fence=fence, wait=True)
             with self.routes.plan(target, record, None) as routes:
-                return self._run(target, TxnKind.ROLLBACK, routes.entries, fence=fence)
+                return self._run(target, TxnKind.ROLLBACK, routes.entries, fence=fence,
+                                 prune=prune)  # fmt: skip
 
     def restore(self, target: int, *, fence: int, reason: str) -> dict[str, Any]:
         """Recovery's rollback: make `target` (a version that was active, with a durable
@@ -372,8 +381,9 @@ class Coordinator:
             log.info("pruned the artifacts of version(s) %s", _ranks(set(removed)))
         return sorted(removed)
 
-    def _prune_after_commit(self) -> list[int]:
-        # The commit stands whatever happens here; a failed prune is retried after the next one.
+    def prune_quietly(self) -> list[int]:
+        """`prune`, logging instead of raising: a commit stands whatever happens here, and a
+        failed prune is retried after the next one."""
         try:
             return self.prune()
         except (OSError, RedisUnavailable) as exc:
@@ -382,7 +392,13 @@ class Coordinator:
 
     # The two phases ------------------------------------------------------------------------
     def _run(
-        self, version: int, kind: TxnKind, shards: list[dict[str, Any]], *, fence: int
+        self,
+        version: int,
+        kind: TxnKind,
+        shards: list[dict[str, Any]],
+        *,
+        fence: int,
+        prune: bool,
     ) -> dict[str, Any]:
         txn_id = f"v{version}-{secrets.token_hex(4)}"
         what = "rollout of" if kind == TxnKind.ROLLOUT else "rollback to"
@@ -439,7 +455,7 @@ class Coordinator:
             "from_version": int(from_version) if from_version else None,
             "epoch": int(epoch),
             "pending_ranks": sorted(done.pending),
-            "pruned": self._prune_after_commit(),
+            "pruned": self.prune_quietly() if prune else [],
             "timings": {
                 "prepare_s": t_prepared - t0,
                 "commit_s": t_done - t_prepared,

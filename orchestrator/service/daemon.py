@@ -181,7 +181,8 @@ class Refitd:
             self.update_lock(timeout_s=self.settings.limits.request_timeout_s) as lock,
         ):
             assert lock.fence is not None
-            result = self.coordinator.rollback(to_version, fence=lock.fence)
+            # Nothing to prune: a rollback writes no artifact (the next commit prunes).
+            result = self.coordinator.rollback(to_version, fence=lock.fence, prune=False)
         self.pipeline.forget_drift_baseline()
         self.metrics.rollbacks.inc()
         self.metrics.active_version.set(result["version"])

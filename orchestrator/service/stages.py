@@ -151,12 +151,17 @@ class UpdateStages:
                 self.writer.write_now(version, shards, metadata)
 
         with self._stage(record, Stage.ROLLING_OUT):
-            self.coordinator.rollout(version, fence=fence, shards=shards)
+            self.coordinator.rollout(version, fence=fence, shards=shards, prune=False)
+
+        def _after_durable() -> None:
+            drop_upload(record)
+            # Deleting old versions' files (seconds for GBs) stays off the critical path too.
+            self.coordinator.prune_quietly()
 
         if write_first:
-            drop_upload(record)
+            _after_durable()
         else:
-            self.writer.submit(version, shards, metadata, then=lambda: drop_upload(record))
+            self.writer.submit(version, shards, metadata, then=_after_durable)
         self.queue.finish(record.update_id, ok=True, stage=Stage.COMMITTED, error=None)
         self.metrics.updates.labels("committed").inc()
         self.metrics.active_version.set(version)
