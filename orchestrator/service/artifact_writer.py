@@ -63,15 +63,20 @@ class ArtifactWriter:
         shards: Sequence[FlatShard],
         metadata: dict[str, str],
         *,
+        before: Callable[[], None] | None = None,
         then: Callable[[], None] | None = None,
     ) -> None:
-        """Write `version`'s artifact in the background (after the last write finished); `then`
-        runs once it is durable or has failed (the pipeline frees the shards there)."""
+        """Write `version`'s artifact in the background (after the last write finished).
+        `before` runs first in that thread (the pipeline prunes old versions there: right after
+        a commit, when no update is running, since deleting GBs slows every fsync on the disk,
+        the 2PC's included); `then` once it is durable or has failed."""
         self.wait()
         self._done.clear()
 
         def _write() -> None:
             try:
+                if before is not None:
+                    before()
                 failpoints.hit("artifact.background")
                 self.write_now(version, shards, metadata)
             except Exception as exc:
@@ -82,9 +87,10 @@ class ArtifactWriter:
                 log.exception("the artifact of version %d could not be written: %s", version,
                               message)  # fmt: skip
             finally:
+                # Durable (or failed) now: the next rollout need not wait for what follows.
+                self._done.set()
                 if then is not None:
                     then()
-                self._done.set()
 
         self._thread = threading.Thread(target=_write, name=f"artifact-v{version}", daemon=True)
         self._thread.start()

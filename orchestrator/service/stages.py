@@ -153,15 +153,17 @@ class UpdateStages:
         with self._stage(record, Stage.ROLLING_OUT):
             self.coordinator.rollout(version, fence=fence, shards=shards, prune=False)
 
-        def _after_durable() -> None:
-            drop_upload(record)
-            # Deleting old versions' files (seconds for GBs) stays off the critical path too.
-            self.coordinator.prune_quietly()
-
         if write_first:
-            _after_durable()
+            drop_upload(record)
+            self.coordinator.prune_quietly()
         else:
-            self.writer.submit(version, shards, metadata, then=_after_durable)
+            # Measured on the H200: deleting a 9 GB artifact while the next update ran slowed its
+            # 2PC tenfold (the AOF's fsyncs wait behind the filesystem), so old versions are
+            # pruned right after this commit, before this version's artifact is written.
+            self.writer.submit(
+                version, shards, metadata,
+                before=self.coordinator.prune_quietly, then=lambda: drop_upload(record),
+            )  # fmt: skip
         self.queue.finish(record.update_id, ok=True, stage=Stage.COMMITTED, error=None)
         self.metrics.updates.labels("committed").inc()
         self.metrics.active_version.set(version)
