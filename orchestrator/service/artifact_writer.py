@@ -63,7 +63,7 @@ class ArtifactWriter:
         shards: Sequence[FlatShard],
         metadata: dict[str, str],
         *,
-        before: Callable[[], None] | None = None,
+        before: Callable[[], object] | None = None,
         then: Callable[[], None] | None = None,
     ) -> None:
         """Write `version`'s artifact in the background (after the last write finished).
