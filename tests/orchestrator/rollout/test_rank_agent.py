@@ -20,9 +20,8 @@ from orchestrator.rollout.rank_agent import RankAgent, artifact_base_url
 from orchestrator.service.daemon import Refitd
 from orchestrator.settings import load_settings
 from orchestrator.state.artifacts import tensor_digest
-from orchestrator.state.redis_server import free_port
 from orchestrator.state.versions import VersionStatus
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.orchestrator._cluster import Cluster, make_cluster, random_shards  # noqa: F401
 
 TRAINER = "trainer-token-0123456789"
