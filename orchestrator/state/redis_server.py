@@ -140,7 +140,8 @@ class EmbeddedRedis:
                     f"embedded redis-server exited with code {self._proc.returncode}: {tail}"
                 )
             try:
-                connect(self.url, timeout_s=1.0).close()
+                # No retries: this loop polls, and checks between polls that Redis still runs.
+                connect(self.url, timeout_s=1.0, retries=0).close()
                 break
             except RedisUnavailable:
                 if time.monotonic() > deadline:
