@@ -253,9 +253,4 @@ def _describe(exc: ValidationError, path: Path) -> str:
     return f"invalid settings ({path}, REFITD_* env): " + "; ".join(lines)
 
 
-def env_for(settings_path: str) -> str:
-    """The env variable that overrides a dotted settings path, e.g. 'ranks.tp_size'."""
-    return "REFITD_" + "__".join(part.upper() for part in settings_path.split("."))
-
-
-__all__ = ["DEFAULT_CONFIG", "REPO_ROOT", "Settings", "env_for", "load_settings", "read_yaml"]
+__all__ = ["DEFAULT_CONFIG", "REPO_ROOT", "Settings", "load_settings", "read_yaml"]

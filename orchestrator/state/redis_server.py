@@ -171,10 +171,6 @@ class EmbeddedRedis:
             proc.stderr.close()
         log.info("embedded redis-server stopped")
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc and self._proc.poll() is None else None
-
     def _stop_leftover(self) -> None:
         """A redis-server left from a crashed refitd still holds the AOF: stop it first."""
         try:

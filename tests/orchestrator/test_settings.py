@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ConfigError
-from orchestrator.settings import DEFAULT_CONFIG, Settings, env_for, load_settings, read_yaml
+from orchestrator.settings import DEFAULT_CONFIG, Settings, load_settings, read_yaml
 
 TOKENS = {"REFITD_AUTH__TRAINER_TOKEN": "t" * 20, "REFITD_AUTH__ADMIN_TOKEN": "a" * 20}
 
@@ -54,11 +54,6 @@ def test_list_settings_take_json_from_env(clean_env: pytest.MonkeyPatch, tmp_pat
     clean_env.setenv("REFITD_DEV_MODE", "true")
     clean_env.setenv("REFITD_SOURCES__ALLOWED_ROOTS", f'["{tmp_path}"]')
     assert load_settings().sources.allowed_roots == [tmp_path]
-
-
-def test_env_name_builder() -> None:
-    assert env_for("ranks.tp_size") == "REFITD_RANKS__TP_SIZE"
-    assert env_for("data_dir") == "REFITD_DATA_DIR"
 
 
 @pytest.mark.parametrize(

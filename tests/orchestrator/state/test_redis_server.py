@@ -30,8 +30,7 @@ def _alive(pid: int) -> bool:
 def test_start_stop_restart_keeps_data(tmp_path: Path) -> None:
     server = EmbeddedRedis(tmp_path, conf=CONF)
     url = server.start()
-    pid = server.pid
-    assert pid is not None
+    pid = int(server.pidfile.read_text())
     with connect(url) as client:
         assert client.config_get("appendonly")["appendonly"] == "yes"
         assert client.config_get("appendfsync")["appendfsync"] == "always"
@@ -73,7 +72,7 @@ def test_sigkill_of_the_owner_takes_redis_down(tmp_path: Path) -> None:
         from orchestrator.state.redis_server import EmbeddedRedis, unix_socket_path, unix_url
         s = EmbeddedRedis(Path({str(tmp_path)!r}), conf=Path({str(CONF)!r}))
         s.start()
-        print(s.pid, flush=True)
+        print(s.pidfile.read_text().strip(), flush=True)
         time.sleep(60)
         """
     )
@@ -89,8 +88,7 @@ def test_sigkill_of_the_owner_takes_redis_down(tmp_path: Path) -> None:
 def test_leftover_server_on_the_data_dir_is_stopped(tmp_path: Path) -> None:
     first = EmbeddedRedis(tmp_path, conf=CONF)
     first.start()
-    leftover = first.pid
-    assert leftover is not None
+    leftover = int(first.pidfile.read_text())
     second = EmbeddedRedis(tmp_path, conf=CONF)
     second.start()
     try:
