@@ -23,7 +23,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from orchestrator.rollout.lock import UpdateLock
+from orchestrator.state.keys import Keys
+from orchestrator.state.redis_client import connect
+from orchestrator.state.redis_server import unix_socket_path, unix_url
 from tests.api.conftest import ADMIN, GARBAGE, TRAINER, Api, refitctl, write_checkpoint
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -429,12 +434,24 @@ def test_bad_input_is_refused_with_a_clear_message_and_changes_nothing(
 # The queue ----------------------------------------------------------------------------------
 def test_past_the_queue_depth_a_post_gets_409_and_no_version(api: Api) -> None:
     """limits.queue_depth=1: one update runs, one waits, the next is refused. No rank ever
-    registers, so the accepted ones end ABORTED (after verification, which takes seconds here)."""
+    registers, so the accepted ones end ABORTED."""
     before = api.snapshot()
     latest = max(before["versions"], default=0)
-    first = api.push(api.checkpoint(), label="first")
-    second = api.push(api.checkpoint(), label="second")
-    third = api.push(api.checkpoint(), label="third")
+    keys = Keys()
+    redis_dir = api.data_dir / "redis"
+    url = unix_url(unix_socket_path(redis_dir), (redis_dir / "password").read_text().strip())
+    with connect(url) as client:
+        # The test holds the update lock, so the first update, once taken off the queue, waits
+        # for it (running) for as long as the test says: no race with how fast it would run.
+        held = UpdateLock(client, keys, ttl_s=60, owner="test-holds-the-queue")
+        held.acquire()
+        try:
+            first = api.push(api.checkpoint(), label="first")
+            wait_until(lambda: client.llen(keys.update_queue) == 0)  # taken: running
+            second = api.push(api.checkpoint(), label="second")
+            third = api.push(api.checkpoint(), label="third")
+        finally:
+            held.release()
     assert (first.status_code, second.status_code) == (202, 202), (first.text, second.text)
     assert third.status_code == 409, third.text
     assert third.json()["detail"] == (
