@@ -24,8 +24,10 @@ def test_a_command_rides_out_a_redis_restart_and_without_retries_it_fails(
         with pytest.raises(redis.ConnectionError):
             hasty.get("k")
         # Restarted while the command backs off (20 retries span ~9 s): it gets its answer.
-        threading.Timer(0.2, server.start).start()
+        restart = threading.Timer(0.2, server.start)
+        restart.start()
         assert patient.get("k") == "v"
+        restart.join()  # its own wait for the server ends before the fixture stops it
 
 
 def test_connect_waits_for_a_server_that_comes_up_and_names_one_that_never_does(
@@ -33,9 +35,11 @@ def test_connect_waits_for_a_server_that_comes_up_and_names_one_that_never_does(
 ) -> None:
     server = start_redis()
     server.stop()
-    threading.Timer(0.3, server.start).start()
+    restart = threading.Timer(0.3, server.start)
+    restart.start()
     with connect(server.url, wait_s=30) as client:
         assert client.ping()
+    restart.join()
     nowhere = tmp_path / "nothing-here.sock"
     with pytest.raises(RedisUnavailable, match="does not answer"):
         connect(f"unix://{nowhere}?db=0", wait_s=0.2)
