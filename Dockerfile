@@ -1,14 +1,14 @@
-# refitd for a GPU host. The CUDA build of torch comes from the base image; refitd adds the rest.
-FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
+# refitd for a GPU host. torch is pyproject.toml's pin, installed with the project: PyPI's Linux
+# x86_64 wheel of it is the CUDA build (the CUDA runtime arrives as nvidia-* wheels; the host
+# supplies only the driver, through the NVIDIA container toolkit). One pin in one place:
+# tests/test_docker_compose.py fails if this file names another torch.
+FROM python:3.11-slim
 WORKDIR /opt/refitd
 COPY pyproject.toml README.md ./
 COPY api api
 COPY orchestrator orchestrator
 COPY kernels kernels
 COPY configs configs
-# --no-deps for torch: keep the image's CUDA build instead of the CPU pin used on CPU machines.
-RUN pip install --no-cache-dir --no-deps -e . \
- && pip install --no-cache-dir "triton>=3.2" "fastapi>=0.115" "uvicorn>=0.30" "pydantic>=2.7" \
-      "pydantic-settings>=2.3" "pyyaml>=6" "redis>=5" "safetensors>=0.4" "transformers>=4.51" \
-      "typer>=0.12" "httpx>=0.27" "prometheus-client>=0.20"
+# Editable: refitd finds configs/ beside its sources (REPO_ROOT), so they stay in /opt/refitd.
+RUN pip install --no-cache-dir -e .
 ENTRYPOINT ["refitd"]

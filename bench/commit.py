@@ -23,6 +23,7 @@ the shared path.
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import subprocess
 import sys
@@ -46,7 +47,7 @@ from orchestrator.settings import REPO_ROOT, Settings, load_settings  # noqa: E4
 from orchestrator.state.artifacts import ArtifactStore  # noqa: E402
 from orchestrator.state.keys import Keys  # noqa: E402
 from orchestrator.state.redis_client import connect  # noqa: E402
-from orchestrator.state.redis_server import EmbeddedRedis, free_port  # noqa: E402
+from orchestrator.state.redis_server import EmbeddedRedis  # noqa: E402
 from orchestrator.state.versions import VersionStatus, VersionStore  # noqa: E402
 
 TRAINER = "bench-trainer-token-0123456789"
@@ -136,9 +137,17 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _free_port() -> int:
+    # The server is another process started with settings that name its port, so the port is
+    # picked here; a benchmark may retry if something takes it first.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def bench_http(root: Path, mib: int, repeats: int = 3) -> dict:
     """MB/s of fetch_shard over HTTP and from the path, for one `mib` MiB shard."""
-    port = free_port()
+    port = _free_port()
     settings = _settings(root, "redis://127.0.0.1:1/0", 1,
                          server={"port": port}, ranks={"tp_size": 1, "fetch": "http"})  # fmt: skip
     store = ArtifactStore(settings.resolved_data_dir())

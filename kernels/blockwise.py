@@ -8,8 +8,9 @@ that they agree bit for bit on the GPU.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels import _tables
-from kernels.config import BlockwiseConfig, configs_for_tensor
+from kernels.config import BlockwiseConfig, PerChannelConfig, configs_for_tensor
 from kernels.fp8 import (
     BLOCK,
     FP8_DTYPE,
@@ -31,6 +32,7 @@ from kernels.fp8 import (
 )
 
 Backend = Literal["auto", "triton", "reference"]
+ConfigT = TypeVar("ConfigT", BlockwiseConfig, PerChannelConfig)
 
 
 @triton.jit
@@ -121,30 +123,80 @@ def use_triton(ws: Sequence[torch.Tensor], backend: Backend) -> bool:
 
 
 @_tables.cached_layout
-def _layout(key: tuple[tuple[int, int, bool], ...], device: torch.device) -> _tables.Layout:
+def _blockwise_layout(
+    key: tuple[tuple[int, int, bool], ...], device: torch.device
+) -> _tables.Layout:
     shapes = [(m, n) for m, n, _ in key]
     blocks = [mb * nb for mb, nb in (scale_shape(m, n) for m, n in shapes)]
     launch_keys = [aligned if m * n else None for m, n, aligned in key]
     return _tables.build_layout(shapes, launch_keys, blocks, blocks, device)
 
 
-class BlockwiseCall:
-    """One call made ready: layout looked up, tables on the GPU, outputs allocated.
-    `launch()` runs the kernels (at most two launches: aligned and unaligned rows)."""
+class QuantizeCall(ABC, Generic[ConfigT]):
+    """One quantization call made ready: inputs cast to bf16, the layout looked up (cached per
+    list of shapes), its tables on the GPU, one fp8 and one fp32 output buffer allocated.
+    `launch()` runs the kernels; `outputs()` gives each tensor's (q, scales) as views of the two
+    buffers. A scheme says only what differs: its config, its layout, its launch, its scales."""
 
-    def __init__(self, ws: Sequence[torch.Tensor], config: BlockwiseConfig | None = None):
-        self.ws = [to_bf16(w) for w in ws]
+    def __init__(self, ws: Sequence[torch.Tensor], config: ConfigT | None = None) -> None:
+        self.ws: list[torch.Tensor] = [to_bf16(t) for t in ws]
         if not self.ws:
             raise ValueError("nothing to quantize")
         device = self.ws[0].device
-        if any(w.device != device for w in self.ws):
+        if any(t.device != device for t in self.ws):
             raise ValueError("one call takes tensors of one device; group them first")
-        self.cfg = config or configs_for_tensor(self.ws[0]).blockwise
-        key = tuple((*w.shape, _tables.is_aligned(w)) for w in self.ws)
-        self.layout = _layout(key, device)
+        self.cfg: ConfigT = config or self._default_config(self.ws[0])
+        key = tuple((t.shape[0], t.shape[1], _tables.is_aligned(t)) for t in self.ws)
+        self.layout = self._layout(key, device)
         self.q_flat = torch.empty(self.layout.q_total, dtype=FP8_DTYPE, device=device)
         self.s_flat = torch.empty(self.layout.s_total, dtype=torch.float32, device=device)
         self.metas = [_tables.meta_for(g, self.ws) for g in self.layout.groups]
+
+    @classmethod
+    def run(
+        cls, ws: Sequence[torch.Tensor], config: ConfigT | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prepare, launch and return the outputs ([] for no tensors)."""
+        if not ws:
+            return []
+        call = cls(ws, config)
+        call.launch()
+        return call.outputs()
+
+    def outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(q [M, N], scales)]: views into the call's two buffers."""
+        return _tables.output_views(self.layout, self.q_flat, self.s_flat, self._scale_shape)
+
+    @abstractmethod
+    def launch(self) -> None:
+        """Run the kernels: one launch per group of the layout."""
+
+    @staticmethod
+    @abstractmethod
+    def _scale_shape(m: int, n: int) -> tuple[int, int]: ...
+
+    @abstractmethod
+    def _default_config(self, w: torch.Tensor) -> ConfigT: ...
+
+    @abstractmethod
+    def _layout(
+        self, key: tuple[tuple[int, int, bool], ...], device: torch.device
+    ) -> _tables.Layout: ...
+
+
+class BlockwiseCall(QuantizeCall[BlockwiseConfig]):
+    """Blockwise: at most two launches (16-byte aligned rows and the others); scale_inv
+    [Mb, Nb]."""
+
+    _scale_shape = staticmethod(scale_shape)
+
+    def _default_config(self, w: torch.Tensor) -> BlockwiseConfig:
+        return configs_for_tensor(w).blockwise
+
+    def _layout(
+        self, key: tuple[tuple[int, int, bool], ...], device: torch.device
+    ) -> _tables.Layout:
+        return _blockwise_layout(key, device)
 
     def launch(self) -> None:
         for group, meta in zip(self.layout.groups, self.metas, strict=True):
@@ -163,21 +215,13 @@ class BlockwiseCall:
                 num_warps=self.cfg.num_warps,
             )
 
-    def outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """[(q [M, N], scale_inv [Mb, Nb])]: views into the call's two buffers."""
-        return _tables.output_views(self.layout, self.q_flat, self.s_flat, scale_shape)
-
 
 def launch_blockwise(
     ws: Sequence[torch.Tensor], config: BlockwiseConfig | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Quantize 2-D tensors of one device in one launch (two if some rows are not 16-byte
     aligned). Outputs are views into one fp8 and one fp32 buffer for the whole call."""
-    if not ws:
-        return []
-    call = BlockwiseCall(ws, config)
-    call.launch()
-    return call.outputs()
+    return BlockwiseCall.run(ws, config)
 
 
 def quantize_blockwise(

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels import _tables
-from kernels.blockwise import Backend, use_triton
+from kernels.blockwise import Backend, QuantizeCall, use_triton
 from kernels.config import PerChannelConfig, configs_for_tensor
 from kernels.fp8 import (
     FP8_DTYPE,
@@ -107,7 +107,7 @@ def _tile(n: int, cfg: PerChannelConfig) -> tuple[int, int, bool]:
 
 
 @_tables.cached_layout
-def _layout(
+def _per_channel_layout(
     key: tuple[tuple[int, int, bool], ...], cfg: PerChannelConfig, device: torch.device
 ) -> _tables.Layout:
     shapes = [(m, n) for m, n, _ in key]
@@ -119,28 +119,21 @@ def _layout(
     return _tables.build_layout(shapes, launch_keys, [m for m, _ in shapes], groups, device)
 
 
-def _scale_shape(m: int, n: int) -> tuple[int, int]:
-    return m, 1
+class PerChannelCall(QuantizeCall[PerChannelConfig]):
+    """Per-channel: one launch per (alignment, row tile) class, a few per model (Qwen3-8B: rows
+    of 4096 and of 12288, so two); scale [M, 1]."""
 
+    @staticmethod
+    def _scale_shape(m: int, n: int) -> tuple[int, int]:
+        return m, 1
 
-class PerChannelCall:
-    """One call made ready: layout looked up, tables on the GPU, outputs allocated.
-    `launch()` runs the kernels, one launch per (alignment, row tile) class: a few per model
-    (Qwen3-8B: rows of 4096 and of 12288, so two)."""
+    def _default_config(self, w: torch.Tensor) -> PerChannelConfig:
+        return configs_for_tensor(w).per_channel
 
-    def __init__(self, ws: Sequence[torch.Tensor], config: PerChannelConfig | None = None):
-        self.ws = [to_bf16(w) for w in ws]
-        if not self.ws:
-            raise ValueError("nothing to quantize")
-        device = self.ws[0].device
-        if any(w.device != device for w in self.ws):
-            raise ValueError("one call takes tensors of one device; group them first")
-        self.cfg = config or configs_for_tensor(self.ws[0]).per_channel
-        key = tuple((*w.shape, _tables.is_aligned(w)) for w in self.ws)
-        self.layout = _layout(key, self.cfg, device)
-        self.q_flat = torch.empty(self.layout.q_total, dtype=FP8_DTYPE, device=device)
-        self.s_flat = torch.empty(self.layout.s_total, dtype=torch.float32, device=device)
-        self.metas = [_tables.meta_for(g, self.ws) for g in self.layout.groups]
+    def _layout(
+        self, key: tuple[tuple[int, int, bool], ...], device: torch.device
+    ) -> _tables.Layout:
+        return _per_channel_layout(key, self.cfg, device)
 
     def launch(self) -> None:
         for group, meta in zip(self.layout.groups, self.metas, strict=True):
@@ -161,21 +154,13 @@ class PerChannelCall:
                 num_warps=self.cfg.num_warps,
             )
 
-    def outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """[(q [M, N], scale [M, 1])]: views into the call's two buffers."""
-        return _tables.output_views(self.layout, self.q_flat, self.s_flat, _scale_shape)
-
 
 def launch_per_channel(
     ws: Sequence[torch.Tensor], config: PerChannelConfig | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Quantize 2-D tensors of one device in a few launches (see PerChannelCall). Outputs are
     views into one fp8 and one fp32 buffer for the whole call."""
-    if not ws:
-        return []
-    call = PerChannelCall(ws, config)
-    call.launch()
-    return call.outputs()
+    return PerChannelCall.run(ws, config)
 
 
 def quantize_per_channel(

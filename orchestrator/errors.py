@@ -81,10 +81,8 @@ class LockHeld(Conflict):
     """Another holder owns the lock."""
 
 
-class VerificationFailed(RefitError):
-    """The quantized model drifted from the bf16 reference past the configured thresholds."""
-
-    status_code = 422
+class AlreadyRunning(RefitError):
+    """Another refitd daemon already serves this Redis and key prefix."""
 
 
 class RolloutAborted(RefitError):

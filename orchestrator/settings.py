@@ -2,10 +2,12 @@
 
 Env overrides are `REFITD_` + the key path joined by `__`, e.g. `REFITD_RANKS__TP_SIZE=4`.
 Precedence, highest first: explicit keyword arguments, environment, the YAML file, defaults.
+The YAML file is read by pydantic-settings' own YAML source, from the class config's `yaml_file`.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import shutil
 from pathlib import Path
@@ -17,6 +19,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    YamlConfigSettingsSource,
 )
 
 from orchestrator.errors import ConfigError
@@ -128,6 +131,7 @@ class Settings(BaseSettings):
         env_prefix="REFITD_",
         env_nested_delimiter="__",
         extra="forbid",
+        yaml_file=None,  # no file unless load_settings names one (see _reading)
     )
 
     server: ServerSettings = Field(default_factory=ServerSettings)
@@ -153,7 +157,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        return (init_settings, env_settings, _YamlFile(settings_cls))
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
@@ -187,17 +191,20 @@ class Settings(BaseSettings):
         return self.data_dir.expanduser().resolve()
 
 
-class _YamlSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
+class _YamlFile(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source, reading through read_yaml for one clear error per bad
+    file (not YAML, not a mapping) instead of a parser traceback."""
 
-    def __call__(self) -> dict[str, Any]:
-        return dict(_YAML_VALUES.get("values", {}))
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        return read_yaml(Path(file_path))
 
 
-# load_settings sets this just before building Settings; pydantic-settings gives sources no
-# per-call arguments, and the lock-free handoff is safe because settings load once per process.
-_YAML_VALUES: dict[str, dict[str, Any]] = {}
+@functools.lru_cache(maxsize=32)
+def _reading(path: Path) -> type[Settings]:
+    """Settings whose YAML source is `path`. pydantic-settings takes a source's file from the
+    class config, never from a call, so each file gets a subclass that only names it."""
+    config = SettingsConfigDict(yaml_file=path)
+    return type("Settings", (Settings,), {"model_config": config, "__module__": __name__})
 
 
 def _is_loopback(host: str) -> bool:
@@ -230,14 +237,13 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     Raises ConfigError with one readable line per problem.
     """
     path = config if config is not None else DEFAULT_CONFIG
-    values = read_yaml(path) if (config is not None or path.exists()) else {}
-    _YAML_VALUES["values"] = values
+    if config is not None and not config.exists():
+        raise ConfigError(f"config file {config} does not exist")
+    settings_cls = _reading(path.resolve()) if path.exists() else Settings
     try:
-        settings = Settings(**overrides)
+        settings = settings_cls(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
-    finally:
-        _YAML_VALUES.pop("values", None)
     if settings.embedded_redis and shutil.which(settings.redis.server_binary) is None:
         raise ConfigError(
             f"redis.url is 'embedded' but {settings.redis.server_binary!r} is not on PATH "
@@ -257,9 +263,4 @@ def _describe(exc: ValidationError, path: Path) -> str:
     return f"invalid settings ({path}, REFITD_* env): " + "; ".join(lines)
 
 
-def env_for(settings_path: str) -> str:
-    """The env variable that overrides a dotted settings path, e.g. 'ranks.tp_size'."""
-    return "REFITD_" + "__".join(part.upper() for part in settings_path.split("."))
-
-
-__all__ = ["DEFAULT_CONFIG", "REPO_ROOT", "Settings", "env_for", "load_settings", "read_yaml"]
+__all__ = ["DEFAULT_CONFIG", "REPO_ROOT", "Settings", "load_settings", "read_yaml"]

@@ -1,15 +1,22 @@
-"""Fixtures that start real processes (redis-server, the daemon) on free loopback ports."""
+"""Fixtures that start real processes (redis-server, the daemon) and always stop them.
+
+No port is picked in advance (a port found free and handed out later can be taken meanwhile):
+redis-servers listen on unix sockets under the test's tmp_path, and a daemon's HTTP API binds
+port 0 and the test reads the port it got from the process.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,7 +31,7 @@ if not torch.cuda.is_available():
 
 from orchestrator.settings import REPO_ROOT
 from orchestrator.state.redis_client import connect
-from orchestrator.state.redis_server import free_port
+from orchestrator.state.redis_server import unix_socket_path, unix_url
 
 REDIS_BINARY = shutil.which("redis-server")
 REDIS_CONF = REPO_ROOT / "configs" / "redis.conf"
@@ -32,23 +39,27 @@ REDIS_CONF = REPO_ROOT / "configs" / "redis.conf"
 
 @dataclass
 class RedisProcess:
-    """A real redis-server for one test (or session), with AOF as the daemon runs it."""
+    """A real redis-server for one test (or session), with AOF as the daemon runs it, on a unix
+    socket in its directory."""
 
     dir: Path
-    port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def socket(self) -> Path:
+        return unix_socket_path(self.dir)
+
+    @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return unix_url(self.socket)
 
     def start(self) -> RedisProcess:
         if REDIS_BINARY is None:
             pytest.fail("redis-server is not installed (make test installs it)")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [REDIS_BINARY, str(REDIS_CONF), "--port", str(self.port), "--dir", str(self.dir),
-             "--logfile", str(self.dir / "redis.log")],
+            [REDIS_BINARY, str(REDIS_CONF), "--unixsocket", str(self.socket),
+             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -93,8 +104,8 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
     """Start private redis-servers a test may kill and restart; all are stopped afterwards."""
     started: list[RedisProcess] = []
 
-    def _start(name: str = "redis", port: int | None = None) -> RedisProcess:
-        server = RedisProcess(tmp_path / name, **({"port": port} if port else {})).start()
+    def _start(name: str = "redis") -> RedisProcess:
+        server = RedisProcess(tmp_path / name).start()
         started.append(server)
         return server
 
@@ -124,18 +135,60 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
+def listening_port(pid: int) -> int | None:
+    """The TCP port process `pid` listens on (its only one), read from /proc; None if none yet."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                # st 0A is LISTEN; local_address is HEXIP:HEXPORT.
+                if fields[3] == "0A" and fields[9] in inodes:
+                    return int(fields[1].rsplit(":", 1)[1], 16)
+    return None
+
+
+def refused_port() -> int:
+    """A loopback port where connections are refused for the rest of the session: bound (so
+    nothing else can take it) and never listened on. For "the daemon is unreachable" tests."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return int(sock.getsockname()[1])
+
+
+_HELD: list[socket.socket] = []
+
+
+def free_port() -> int:
+    """A port free now, for a server whose port must be known before it starts. Racy: another
+    process may take it before the server binds it; prefer binding port 0 (the daemon fixture
+    below) or handing a bound socket to the server (tests/orchestrator/rollout/test_faults.py).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @dataclass
 class DaemonProcess:
-    """A real `refitd serve` process on a free port."""
+    """A real `refitd serve` process; its API binds port 0 and `port` is read from it."""
 
     data_dir: Path
     env: dict[str, str]
-    port: int = field(default_factory=free_port)
+    port: int | None = None
     proc: subprocess.Popen[str] | None = None
     log_path: Path | None = None
 
     @property
     def url(self) -> str:
+        assert self.port is not None, "the daemon has not started listening"
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, *args: str, wait: bool = True) -> DaemonProcess:
@@ -143,11 +196,12 @@ class DaemonProcess:
         env.update(
             {
                 "REFITD_DATA_DIR": str(self.data_dir),
-                "REFITD_SERVER__PORT": str(self.port),
+                "REFITD_SERVER__PORT": "0",
                 "PYTHONUNBUFFERED": "1",
             }
         )
         env.update(self.env)
+        self.port = None
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "daemon.log"
         log = self.log_path.open("a")
@@ -167,6 +221,11 @@ class DaemonProcess:
         def _up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 pytest.fail(f"refitd serve exited with {self.proc.returncode}:\n{self.log()}")
+            if self.port is None:
+                assert self.proc is not None
+                self.port = listening_port(self.proc.pid)
+                if self.port is None:
+                    return False
             try:
                 return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:

@@ -1,15 +1,22 @@
-"""docker-compose.yml is wired to the settings that exist, and is safe by default."""
+"""docker-compose.yml is wired to the settings that exist, is safe by default, and builds the
+torch that pyproject.toml pins."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import tomllib
 from typing import Any
 
+import pytest
 import yaml
 
 from orchestrator.settings import REPO_ROOT, Settings
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
 
 
 def _compose() -> dict[str, Any]:
@@ -77,3 +84,52 @@ def test_never_dev_mode_and_tokens_are_required() -> None:
         assert "REFITD_DEV_MODE" not in service.get("environment", {})
     assert "${REFITD_TRAINER_TOKEN:?" in text
     assert "${REFITD_ADMIN_TOKEN:?" in text
+
+
+def _torch_pin() -> str:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    (pin,) = [d for d in project["dependencies"] if re.match(r"torch\b", d)]
+    match = re.fullmatch(r"torch==([\w.]+)", pin)
+    assert match, f"torch is pinned to one version in pyproject.toml, not {pin!r}"
+    return match.group(1)
+
+
+def test_the_image_installs_the_torch_pyproject_pins() -> None:
+    pin = _torch_pin()
+    text = DOCKERFILE.read_text()
+    install = [line for line in text.splitlines() if "pip install" in line]
+    assert install, "the Dockerfile installs the project with pip"
+    # The project brings torch with its dependencies: none may be skipped, and no other torch
+    # (a versioned base image, a second pin) may come in beside it.
+    assert all("--no-deps" not in line for line in install), install
+    named = re.findall(r"(?:torch|pytorch)[=:@-]+v?(\d+\.\d+(?:\.\d+)?)", text)
+    assert all(version == pin for version in named), (named, pin)
+    assert not re.search(r"^FROM\s+\S*pytorch", text, re.MULTILINE), (
+        "a base image brings its own torch"
+    )
+
+
+def _compose_command() -> list[str] | None:
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=60)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+def test_docker_compose_accepts_the_file_and_requires_the_secrets() -> None:
+    compose = _compose_command()
+    if compose is None:
+        pytest.skip("docker compose is not installed here (neither the plugin nor docker-compose)")
+    names = ("REDIS_PASSWORD", "REFITD_TRAINER_TOKEN", "REFITD_ADMIN_TOKEN")
+    base = {k: v for k, v in os.environ.items() if k not in names}
+    secrets = {name: name.lower() * 2 for name in names}
+    command = [*compose, "-f", str(COMPOSE), "config", "--quiet"]
+    ok = subprocess.run(
+        command, env={**base, **secrets}, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+    )
+    assert ok.returncode == 0, ok.stderr
+    missing = subprocess.run(
+        command, env=base, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+    )
+    assert missing.returncode != 0 and "REDIS_PASSWORD" in missing.stderr, missing.stderr

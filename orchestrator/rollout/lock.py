@@ -7,8 +7,10 @@ lock key, so a holder whose lock expired while it stalled (a GC pause, SIGSTOP) 
 decision after another holder took over: the expiry makes the lock safe to take, the fence makes
 the late writer harmless.
 
-While held, a background thread extends the TTL every third of it; if an extension finds the lock
-gone or taken, `lost` turns true and the next fenced write raises FencedOut.
+While held, a background thread extends the TTL every third of it. If an extension finds the
+lock gone or taken, the keeper logs an ERROR and stops; the holder learns it at its next fenced
+write (the coordinator's scripts compare the fence and raise FencedOut) or at release (which
+returns False). Nothing else is signalled: a holder that lost the lock can do no harm.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import redis
 from orchestrator.errors import LockHeld
 from orchestrator.state.keys import Keys
 from orchestrator.state.lua import LuaScript, ScriptRegistry
+from orchestrator.state.redis_client import REDIS_DOWN, OutageLog
 from orchestrator.state.versions import EVENTS_MAXLEN
 
 log = logging.getLogger("refitd.lock")
@@ -126,7 +129,6 @@ class UpdateLock:
         self.owner = owner or f"{socket.gethostname()}:{secrets.token_hex(6)}"
         self.timeout_s = timeout_s
         self.fence: int | None = None
-        self.lost = False
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
 
@@ -159,7 +161,6 @@ class UpdateLock:
                     raise
                 time.sleep(_POLL_S)
         self.fence = int(fence)
-        self.lost = False
         self._stop.clear()
         self._keeper = threading.Thread(
             target=self._keep, name=f"lock-keeper-{self.fence}", daemon=True
@@ -169,11 +170,7 @@ class UpdateLock:
 
     def extend(self) -> None:
         """Reset the TTL. Raises LockHeld if the lock expired or another holder has it."""
-        try:
-            self._scripts[EXTEND]([self._keys.update_lock], [self.value, self.ttl_ms])
-        except LockHeld:
-            self.lost = True
-            raise
+        self._scripts[EXTEND]([self._keys.update_lock], [self.value, self.ttl_ms])
 
     def release(self) -> bool:
         """Let the lock go. Returns False if it had already expired or been taken over."""
@@ -199,15 +196,18 @@ class UpdateLock:
 
     def _keep(self) -> None:
         interval = self.ttl_ms / 3000.0
+        outage = OutageLog(log, f"update lock keeper (fence {self.fence})")
         while not self._stop.wait(interval):
             try:
                 self.extend()
             except LockHeld as exc:
                 log.error("update lock lost: %s", exc.message)
                 return
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 # Redis may come back before the TTL runs out; the fence guards if it does not.
-                log.warning("could not extend the update lock: %s", exc)
+                outage.failed(exc)
+                continue
+            outage.recovered()
 
     def __enter__(self) -> UpdateLock:
         self.acquire()

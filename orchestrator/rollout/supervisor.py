@@ -3,7 +3,8 @@ restarts one that dies after ranks.restart_backoff_s, and stops them all when it
 
 Each agent gets the daemon's effective settings (written to `<data_dir>/ranks/settings.yaml`,
 mode 0600, since it holds the tokens) and REFITD_REDIS__URL with the embedded Redis's URL and
-password. Agents die with the daemon (PR_SET_PDEATHSIG), even when it is SIGKILLed.
+password (a `unix://` URL). Agents die with the daemon (PR_SET_PDEATHSIG, set by the exec shim
+of `orchestrator.state.children`), even when it is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import yaml
 from pydantic import SecretStr
 
 from orchestrator.settings import REPO_ROOT, Settings
-from orchestrator.state.redis_server import die_with_parent
+from orchestrator.state import children
 
 log = logging.getLogger("refitd.supervisor")
 
@@ -123,13 +124,12 @@ class Supervisor:
             out = open(self.log_dir / f"rank{rank}.log", "ab")  # noqa: SIM115 - the child owns it
         try:
             proc = subprocess.Popen(
-                self._command(rank),
+                children.command(self._command(rank)),
                 cwd=REPO_ROOT,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT if out is not None else None,
-                preexec_fn=die_with_parent,
                 start_new_session=True,  # Ctrl-C reaches the daemon, which stops agents in order
             )
         except OSError as exc:

@@ -21,6 +21,7 @@ from orchestrator.service.recovery import RecoveryReport, recover
 from orchestrator.service.updates import UpdateQueue
 from orchestrator.settings import Settings
 from orchestrator.state.artifacts import ArtifactStore
+from orchestrator.state.daemon_claim import DaemonClaim
 from orchestrator.state.keys import Keys
 from orchestrator.state.redis_client import connect, redact
 from orchestrator.state.redis_server import EmbeddedRedis
@@ -38,8 +39,11 @@ class Readiness:
 class Refitd:
     """Settings, Redis, and the stores and services built on them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, claim: bool = True) -> None:
         self.settings = settings
+        # claim=False: a stand-in that tests run beside a claiming daemon (tests/orchestrator).
+        self._claims = claim
+        self.claim: DaemonClaim | None = None
         self.data_dir: Path = settings.resolved_data_dir()
         self.keys = Keys(settings.redis.key_prefix)
         self.embedded: EmbeddedRedis | None = None
@@ -80,9 +84,14 @@ class Refitd:
             )
             self.redis_url = self.embedded.start()
         self._redis = connect(self.redis_url, wait_s=self.settings.redis.start_timeout_s)
-        self._versions = VersionStore(self._redis, self.keys)
         log.info("redis at %s (%s)", redact(self.redis_url),
                  "embedded" if self.embedded else "external")  # fmt: skip
+        # Before recovery takes the update lock by force: a second daemon must not steal it.
+        if self._claims:
+            claim = DaemonClaim(self._redis, self.keys)
+            claim.take()
+            self.claim = claim
+        self._versions = VersionStore(self._redis, self.keys)
         self._coordinator = Coordinator(
             self._redis, self.keys, self.settings, self._versions, self.artifacts
         )
@@ -140,6 +149,9 @@ class Refitd:
         if self.supervisor is not None:
             self.supervisor.stop()
             self.supervisor = None
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
         if self._redis is not None:
             self._redis.close()
             self._redis = None

@@ -67,6 +67,11 @@ class Keys:
         """Hash: body digest and update id of an Idempotency-Key."""
         return self._k("idempotency", key)
 
+    @property
+    def daemon(self) -> str:
+        """String with a TTL: the id (host:pid:token) of the one daemon serving this prefix."""
+        return self._k("daemon")
+
     # Two-phase commit
     @property
     def update_lock(self) -> str:

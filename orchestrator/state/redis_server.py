@@ -1,45 +1,63 @@
 """The embedded Redis: a private redis-server that refitd starts, owns and stops.
 
 Its data lives in `<data_dir>/redis` (AOF, `appendfsync always`), so a second `refitd serve` on
-the same data directory finds every key the first one wrote. It listens on loopback only, on a
-free port, behind a password generated once and kept (mode 0600) beside the data.
+the same data directory finds every key the first one wrote. It listens on a unix socket only
+(`<data_dir>/redis/redis.sock`, mode 0700, TCP off): no port to race for, nothing on the network;
+rank agents on this host reach it by its `unix://` URL. A password generated once and kept (mode
+0600) beside the data guards it as well.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import hashlib
 import logging
 import os
 import secrets
+import shutil
 import signal
-import socket
+import stat
 import subprocess
 import time
+import urllib.parse
 from pathlib import Path
 
 from orchestrator.errors import ConfigError, RedisUnavailable
+from orchestrator.state import children
 from orchestrator.state.redis_client import connect
 
 log = logging.getLogger("refitd.redis")
 
-_PR_SET_PDEATHSIG = 1
+# sun_path holds 108 bytes on Linux (104 on the BSDs), the terminating NUL included.
+_MAX_SOCKET_PATH = 103
+# Where a socket goes when its directory's path is too long. /tmp itself, not $TMPDIR: the point
+# is a short path, and $TMPDIR may be as long as the data directory.
+_SHORT_SOCKET_ROOT = Path("/tmp")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def unix_socket_path(directory: Path, name: str = "redis.sock") -> Path:
+    """Where a server whose files live in `directory` listens: `directory/name`, or, when that
+    path is too long for a unix socket, a short private directory under /tmp (logged)."""
+    preferred = directory.resolve() / name
+    if len(os.fsencode(preferred)) <= _MAX_SOCKET_PATH:
+        return preferred
+    tag = hashlib.sha256(os.fsencode(preferred)).hexdigest()[:16]
+    short = _SHORT_SOCKET_ROOT / f"refitd-{os.getuid()}-{tag}"
+    with contextlib.suppress(FileExistsError):
+        short.mkdir(mode=0o700)
+    info = short.lstat()
+    # A directory someone else made (or a symlink) in /tmp must not receive our socket.
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ConfigError(f"{short} is not a private directory of this user; remove it")
+    log.info("unix socket path %s is %d bytes, over the %d a socket path may have: using %s",
+             preferred, len(os.fsencode(preferred)), _MAX_SOCKET_PATH, short / name)  # fmt: skip
+    return short / name
 
 
-def die_with_parent() -> None:
-    """preexec_fn for a child refitd owns: the kernel sends it SIGTERM when refitd dies.
-
-    If refitd is killed with SIGKILL, its redis-server then shuts down cleanly (with appendfsync
-    always nothing acknowledged is lost) instead of lingering on the data dir; rank agents too."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def unix_url(path: Path, password: str | None = None, db: int = 0) -> str:
+    """The redis-py URL of a server on unix socket `path`, e.g. unix://:PASSWORD@/dir/redis.sock?db=0"""
+    auth = f":{urllib.parse.quote(password, safe='')}@" if password else ""
+    return f"unix://{auth}{urllib.parse.quote(str(path))}?db={db}"
 
 
 class EmbeddedRedis:
@@ -52,13 +70,12 @@ class EmbeddedRedis:
         conf: Path,
         binary: str = "redis-server",
         start_timeout_s: float = 10.0,
-        port: int | None = None,
     ) -> None:
         self.dir = data_dir / "redis"
         self.conf = conf
         self.binary = binary
         self.start_timeout_s = start_timeout_s
-        self.port = port
+        self.socket: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,9 +88,9 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        if self.port is None:
+        if self.socket is None:
             raise AssertionError("url is known once the server has started")
-        return f"redis://:{self._password()}@127.0.0.1:{self.port}/0"
+        return unix_url(self.socket, self._password())
 
     def _password(self) -> str:
         path = self.dir / "password"
@@ -87,33 +104,33 @@ class EmbeddedRedis:
         """Start redis-server and wait for PING; returns its URL."""
         if not self.conf.exists():
             raise ConfigError(f"redis.conf not found at {self.conf}")
+        binary = shutil.which(self.binary)
+        if binary is None:
+            raise ConfigError(
+                f"redis-server binary {self.binary!r} not found; install Debian's redis-server "
+                "(apt-get install redis-server) or set redis.url to an existing server"
+            )
         self.dir.mkdir(parents=True, exist_ok=True)
         self._stop_leftover()
-        if self.port is None:
-            self.port = free_port()
+        self.socket = unix_socket_path(self.dir)
         cmd = [
-            self.binary,
+            binary,
             str(self.conf),
-            "--port", str(self.port),
+            "--unixsocket", str(self.socket),
             "--dir", str(self.dir),
             "--requirepass", self._password(),
             "--pidfile", str(self.pidfile),
             "--logfile", str(self.logfile),
         ]  # fmt: skip
-        try:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                preexec_fn=die_with_parent,
-                start_new_session=True,  # Ctrl-C reaches refitd, which then stops Redis in order
-            )
-        except FileNotFoundError:
-            raise ConfigError(
-                f"redis-server binary {self.binary!r} not found; install Debian's redis-server "
-                "(apt-get install redis-server) or set redis.url to an existing server"
-            ) from None
+        # Started from the caller's thread, which must live as long as this server (the
+        # daemon's main thread does): the death signal follows the thread that started it.
+        self._proc = subprocess.Popen(
+            children.command(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C reaches refitd, which then stops Redis in order
+        )
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             if self._proc.poll() is not None:
@@ -123,7 +140,8 @@ class EmbeddedRedis:
                     f"embedded redis-server exited with code {self._proc.returncode}: {tail}"
                 )
             try:
-                connect(self.url, timeout_s=1.0).close()
+                # No retries: this loop polls, and checks between polls that Redis still runs.
+                connect(self.url, timeout_s=1.0, retries=0).close()
                 break
             except RedisUnavailable:
                 if time.monotonic() > deadline:
@@ -133,8 +151,8 @@ class EmbeddedRedis:
                         f"(log: {self.logfile})"
                     ) from None
                 time.sleep(0.05)
-        log.info("embedded redis-server pid %d on 127.0.0.1:%d, data in %s",
-                 self._proc.pid, self.port, self.dir)  # fmt: skip
+        log.info("embedded redis-server pid %d on unix socket %s, data in %s",
+                 self._proc.pid, self.socket, self.dir)  # fmt: skip
         return self.url
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -152,10 +170,6 @@ class EmbeddedRedis:
         if proc.stderr:
             proc.stderr.close()
         log.info("embedded redis-server stopped")
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc and self._proc.poll() is None else None
 
     def _stop_leftover(self) -> None:
         """A redis-server left from a crashed refitd still holds the AOF: stop it first."""

@@ -24,8 +24,7 @@ from safetensors.torch import save_file
 
 from orchestrator.model.synthetic import base_state, honest_update
 from orchestrator.settings import REPO_ROOT
-from orchestrator.state.redis_server import free_port
-from tests.conftest import DaemonProcess, wait_until
+from tests.conftest import DaemonProcess, refused_port, wait_until
 from tests.orchestrator._tiny_models import CONFIGS
 
 TRAINER = "trainer-token-for-api-tests-0001"
@@ -217,7 +216,9 @@ def daemon_env(
         "REFITD_RANKS__LAUNCH": launch,
         "REFITD_RANKS__DEVICE": "cpu",
         "REFITD_RANKS__HEARTBEAT_INTERVAL_S": "0.1",
-        "REFITD_RANKS__HEARTBEAT_TIMEOUT_S": "2",
+        # A bound for a dead rank, not a trigger: on two busy cores a healthy agent importing
+        # torch can stall its heartbeat for seconds.
+        "REFITD_RANKS__HEARTBEAT_TIMEOUT_S": "5",
         "REFITD_RANKS__RESTART_BACKOFF_S": "0.1",
         "REFITD_ROLLOUT__PREPARE_DEADLINE_S": "10",
         "REFITD_ROLLOUT__COMMIT_DEADLINE_S": "10",
@@ -294,4 +295,5 @@ def refitctl(*args: str, url: str, token: str | None, timeout_s: float = 180.0) 
 
 
 def unused_url() -> str:
-    return f"http://127.0.0.1:{free_port()}"
+    """A URL where no refitd answers: connections to it are refused."""
+    return f"http://127.0.0.1:{refused_port()}"

@@ -28,7 +28,9 @@ def main() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     settings = load_settings(args.config)
     assert settings.ranks.launch == "external"
-    core = Refitd(settings)
+    # No daemon claim: tests run an observing Refitd beside this stand-in on the same prefix,
+    # and a claim would refuse whichever starts second.
+    core = Refitd(settings, claim=False)
     core.start()
     assert core.recovery is not None
     print(json.dumps({"started": True, "recovery": core.recovery.to_dict()}), flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from orchestrator.settings import REPO_ROOT
 from orchestrator.state.redis_client import connect
+from orchestrator.state.redis_server import unix_socket_path, unix_url
 from tests.conftest import DaemonProcess
 
 DEV = {"REFITD_DEV_MODE": "true", "REFITD_RANKS__LAUNCH": "external"}
@@ -74,9 +74,8 @@ def test_a_second_daemon_on_the_same_data_dir_is_refused(start_daemon) -> None:
 
 def _embedded_url(daemon: DaemonProcess) -> str:
     redis_dir = daemon.data_dir / "redis"
-    ports = re.findall(r"embedded redis-server pid \d+ on 127\.0\.0\.1:(\d+)", daemon.log())
     password = (redis_dir / "password").read_text().strip()
-    return f"redis://:{password}@127.0.0.1:{ports[-1]}/0"
+    return unix_url(unix_socket_path(redis_dir), password)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ConfigError
-from orchestrator.settings import DEFAULT_CONFIG, env_for, load_settings, read_yaml
+from orchestrator.settings import DEFAULT_CONFIG, Settings, load_settings, read_yaml
 
 TOKENS = {"REFITD_AUTH__TRAINER_TOKEN": "t" * 20, "REFITD_AUTH__ADMIN_TOKEN": "a" * 20}
 
@@ -54,11 +54,6 @@ def test_list_settings_take_json_from_env(clean_env: pytest.MonkeyPatch, tmp_pat
     clean_env.setenv("REFITD_DEV_MODE", "true")
     clean_env.setenv("REFITD_SOURCES__ALLOWED_ROOTS", f'["{tmp_path}"]')
     assert load_settings().sources.allowed_roots == [tmp_path]
-
-
-def test_env_name_builder() -> None:
-    assert env_for("ranks.tp_size") == "REFITD_RANKS__TP_SIZE"
-    assert env_for("data_dir") == "REFITD_DATA_DIR"
 
 
 @pytest.mark.parametrize(
@@ -128,3 +123,19 @@ def test_missing_redis_binary_is_refused(clean_env: pytest.MonkeyPatch) -> None:
 def test_tokens_do_not_show_in_repr(clean_env: pytest.MonkeyPatch) -> None:
     _with_tokens(clean_env)
     assert "t" * 20 not in repr(load_settings())
+
+
+def test_each_load_reads_its_own_file_as_it_is_now(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text("dev_mode: true\nranks: {tp_size: 2}\n")
+    two.write_text("dev_mode: true\nranks: {tp_size: 3, launch: external}\n")
+    assert load_settings(one).ranks.tp_size == 2
+    assert (load_settings(two).ranks.tp_size, load_settings(two).ranks.launch) == (3, "external")
+    one.write_text("dev_mode: true\nranks: {tp_size: 5}\n")  # edited between two loads
+    assert load_settings(one).ranks.tp_size == 5
+    # A nested env override replaces one key and leaves the file's siblings alone.
+    clean_env.setenv("REFITD_RANKS__LAUNCH", "local")
+    assert (load_settings(two).ranks.tp_size, load_settings(two).ranks.launch) == (3, "local")
+    assert isinstance(load_settings(two), Settings)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,9 +22,8 @@ from orchestrator.rollout.receive import artifact_base_url
 from orchestrator.rollout.slots import Held, ShardSlots
 from orchestrator.service.daemon import Refitd
 from orchestrator.settings import load_settings
-from orchestrator.state.redis_server import free_port
 from orchestrator.state.versions import VersionStatus
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.orchestrator._cluster import Cluster, make_cluster, random_shards  # noqa: F401
 
 TRAINER = "trainer-token-0123456789"
@@ -188,13 +186,18 @@ def test_a_stale_commit_is_refused_and_a_repeated_one_is_acked_again(make_cluste
                              "shards": shards})  # fmt: skip
     refused = wait_until(lambda: len(refusals()) == 4 and refusals())
     assert all("PREPARE carries epoch 0" in e["reason"] for e in refused[2:])
-    # v2's own COMMIT again: idempotent, accepted, nothing refused.
+    # v2's own COMMIT again: idempotent, accepted, nothing refused. Each rank reads the command
+    # stream in order, so once both have refused the stale PREPARE sent after it (a marker),
+    # both have handled the repeated COMMIT: its absence of effects is then a fact, not a race.
     acks_before = c.client.xlen(c.keys.txn_acks(second["txn"]))
     c.client.xadd(commands, {"type": "COMMIT", "txn": second["txn"], "version": v2,
                              "epoch": second["epoch"]})  # fmt: skip
-    time.sleep(0.5)
+    c.client.xadd(commands, {"type": "PREPARE", "txn": "marker", "version": v2, "epoch": 0,
+                             "shards": shards})  # fmt: skip
+    refused = wait_until(lambda: len(refusals()) >= 6 and refusals())
+    assert [(e["txn"], "PREPARE carries epoch 0" in e["reason"]) for e in refused[4:]] == [
+        ("marker", True), ("marker", True)]  # fmt: skip
     assert c.client.xlen(c.keys.txn_acks(second["txn"])) == acks_before
-    assert len(refusals()) == 4
     state = c.wait_ready(v2)
     assert [r["epoch"] for r in state["ranks"]] == [second["epoch"]] * 2
 

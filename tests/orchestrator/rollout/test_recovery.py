@@ -15,9 +15,8 @@ from orchestrator.rollout.supervisor import Supervisor
 from orchestrator.service.daemon import Refitd
 from orchestrator.service.recovery import RESTART_REASON
 from orchestrator.settings import load_settings
-from orchestrator.state.redis_server import free_port
 from orchestrator.state.versions import VersionStatus
-from tests.conftest import wait_until
+from tests.conftest import refused_port, wait_until
 from tests.orchestrator._cluster import (  # noqa: F401
     Driver,
     decide_with_ranks_stopped,
@@ -250,7 +249,7 @@ def test_a_crash_looping_agent_is_restarted_ever_more_slowly(
     config = tmp_path / "refitd.yaml"
     config.write_text(
         f"dev_mode: true\ndata_dir: {tmp_path / 'data'}\n"
-        f"redis: {{url: 'redis://127.0.0.1:{free_port()}/0', start_timeout_s: 0.2}}\n"
+        f"redis: {{url: 'redis://127.0.0.1:{refused_port()}/0', start_timeout_s: 0.2}}\n"
         "ranks: {tp_size: 1, launch: external, restart_backoff_s: 0.1}\n"
     )
     settings = load_settings(config)

@@ -12,7 +12,7 @@ import pytest
 from orchestrator.errors import ConfigError, RedisUnavailable
 from orchestrator.settings import REPO_ROOT
 from orchestrator.state.redis_client import connect, redact
-from orchestrator.state.redis_server import EmbeddedRedis
+from orchestrator.state.redis_server import EmbeddedRedis, unix_socket_path, unix_url
 from tests.conftest import wait_until
 
 CONF = REPO_ROOT / "configs" / "redis.conf"
@@ -30,12 +30,15 @@ def _alive(pid: int) -> bool:
 def test_start_stop_restart_keeps_data(tmp_path: Path) -> None:
     server = EmbeddedRedis(tmp_path, conf=CONF)
     url = server.start()
-    pid = server.pid
-    assert pid is not None
+    pid = int(server.pidfile.read_text())
     with connect(url) as client:
         assert client.config_get("appendonly")["appendonly"] == "yes"
         assert client.config_get("appendfsync")["appendfsync"] == "always"
-        assert client.config_get("bind")["bind"].startswith("127.0.0.1")
+        # A unix socket only this user can reach, and no TCP at all.
+        assert client.config_get("port")["port"] == "0"
+        assert client.config_get("unixsocket")["unixsocket"] == str(server.socket)
+        assert client.config_get("unixsocketperm")["unixsocketperm"] == "700"
+        assert server.socket.stat().st_mode & 0o077 == 0
         client.set("refitd:test", "kept")
     server.stop()
     assert not _alive(pid)
@@ -55,7 +58,7 @@ def test_password_is_required_and_private(tmp_path: Path) -> None:
     try:
         assert (tmp_path / "redis" / "password").stat().st_mode & 0o077 == 0
         with pytest.raises(RedisUnavailable, match="refused the password"):
-            connect(f"redis://127.0.0.1:{server.port}/0", timeout_s=1)
+            connect(unix_url(server.socket), timeout_s=1)
     finally:
         server.stop()
 
@@ -66,10 +69,10 @@ def test_sigkill_of_the_owner_takes_redis_down(tmp_path: Path) -> None:
         f"""
         import sys, time
         from pathlib import Path
-        from orchestrator.state.redis_server import EmbeddedRedis
+        from orchestrator.state.redis_server import EmbeddedRedis, unix_socket_path, unix_url
         s = EmbeddedRedis(Path({str(tmp_path)!r}), conf=Path({str(CONF)!r}))
         s.start()
-        print(s.pid, flush=True)
+        print(s.pidfile.read_text().strip(), flush=True)
         time.sleep(60)
         """
     )
@@ -85,8 +88,7 @@ def test_sigkill_of_the_owner_takes_redis_down(tmp_path: Path) -> None:
 def test_leftover_server_on_the_data_dir_is_stopped(tmp_path: Path) -> None:
     first = EmbeddedRedis(tmp_path, conf=CONF)
     first.start()
-    leftover = first.pid
-    assert leftover is not None
+    leftover = int(first.pidfile.read_text())
     second = EmbeddedRedis(tmp_path, conf=CONF)
     second.start()
     try:
@@ -114,3 +116,33 @@ def test_redact_hides_the_password() -> None:
     assert redact("redis://:secret@127.0.0.1:1/0") == "redis://:***@127.0.0.1:1/0"
     assert redact("redis://user:secret@h:1") == "redis://user:***@h:1"
     assert redact("redis://h:1") == "redis://h:1"
+
+
+def test_a_data_dir_too_long_for_a_socket_path_gets_a_short_private_one(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    assert unix_socket_path(deep / "redis") != deep / "redis" / "redis.sock"
+    server = EmbeddedRedis(deep, conf=CONF)
+    url = server.start()
+    try:
+        assert server.socket is not None and len(str(server.socket)) <= 103
+        assert server.socket.parent.stat().st_mode & 0o077 == 0
+        assert server.socket == unix_socket_path(deep / "redis")  # stable: a restart finds it
+        with connect(url) as client:
+            assert client.ping()
+    finally:
+        server.stop()
+
+
+def test_the_url_carries_the_password_and_survives_odd_characters_in_the_path(
+    tmp_path: Path,
+) -> None:
+    odd = tmp_path / "a dir?#%"
+    server = EmbeddedRedis(odd, conf=CONF)
+    url = server.start()
+    try:
+        assert url.startswith("unix://:") and url.endswith("?db=0")
+        with connect(url) as client:
+            assert client.ping()
+        assert "***" in redact(url) and server._password() not in redact(url)
+    finally:
+        server.stop()
