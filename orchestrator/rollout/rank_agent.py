@@ -55,7 +55,7 @@ from orchestrator.rollout.txn import ACK, RankPhase
 from orchestrator.settings import Settings
 from orchestrator.state.keys import Keys
 from orchestrator.state.lua import ScriptRegistry
-from orchestrator.state.redis_client import connect
+from orchestrator.state.redis_client import OutageLog, connect, keep_trying
 from orchestrator.state.versions import EVENTS_MAXLEN
 
 if TYPE_CHECKING:
@@ -66,7 +66,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("refitd.rank")
 
 _READ_BLOCK_MS = 1000
-_RETRY_S = 0.2
 _LOAD_RETRY_S = 1.0
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
@@ -102,7 +101,7 @@ class RankAgent:
         self._receiver: Receiver | None = None
         self._heartbeat: Heartbeat | None = None
         self._r: redis.Redis | None = None
-        self._outage_since: float | None = None
+        self._outage = OutageLog(log, f"rank {rank}")
 
     # Lifecycle -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -202,22 +201,7 @@ class RankAgent:
     def _retry(self, step: Any, *args: Any) -> Any:
         """Run `step` until Redis answers (the agent outlives Redis restarts); an outage is
         logged once when it starts and once when it ends."""
-        while True:
-            try:
-                result = step(*args)
-            except _REDIS_DOWN as exc:
-                if self._stop.is_set():
-                    raise
-                if self._outage_since is None:
-                    self._outage_since = time.monotonic()
-                    log.warning("rank %d: Redis does not answer (%s); retrying", self.rank, exc)
-                time.sleep(_RETRY_S)
-                continue
-            if self._outage_since is not None:
-                log.info("rank %d: Redis answers again after %.1fs", self.rank,
-                         time.monotonic() - self._outage_since)  # fmt: skip
-                self._outage_since = None
-            return result
+        return keep_trying(lambda: step(*args), outage=self._outage, stop=self._stop)
 
     # Loading the active version ------------------------------------------------------------
     def _commands_tail(self) -> str:
@@ -248,8 +232,10 @@ class RankAgent:
         if self.adapter.served_version != version:
             self._load(version)
         self.epoch = epoch
-        self._ack_commit(txn, version, epoch)
+        # The event before the ack: the ack makes the rank READY, and whoever sees it ready may
+        # look for the event.
         self._event(self.redis, "LOADED", version=version, epoch=epoch)
+        self._ack_commit(txn, version, epoch)
 
     def _version_record(self, version: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """This rank's entries of `version`'s layout and (once durable) artifact records."""

@@ -20,6 +20,7 @@ from orchestrator.rollout.lock import UpdateLock
 from orchestrator.service.stages import UpdateStages, drop_upload
 from orchestrator.service.updates import Stage, UpdateQueue, UpdateRecord
 from orchestrator.settings import Settings
+from orchestrator.state.redis_client import OutageLog
 from orchestrator.state.versions import EVER_COMMITTED, VersionStatus, VersionStore
 
 log = logging.getLogger("refitd.pipeline")
@@ -70,23 +71,18 @@ class UpdateWorker:
                 self._holds -= 1
 
     def _loop(self) -> None:
-        down_since: float | None = None
+        outage = OutageLog(log, "the update queue")
         while not self._stop.is_set():
             if self._holds:
                 time.sleep(0.05)
                 continue
             try:
                 update_id = self.queue.take(timeout_s=0.5)
-            except RefitError as exc:  # Redis down: readiness reports it; log it once
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning("cannot take the next update from the queue: %s", exc.message)
+            except RefitError as exc:  # Redis down: readiness reports it; logged once
+                outage.failed(exc)
                 self._stop.wait(1.0)
                 continue
-            if down_since is not None:
-                log.info("the update queue answers again after %.1fs",
-                         time.monotonic() - down_since)  # fmt: skip
-                down_since = None
+            outage.recovered()
             if update_id is None:
                 continue
             try:
