@@ -6,16 +6,16 @@ Every recovery rule lives here, in the order they run:
 2. Drive every open transaction to its recorded decision: a COMMIT still waiting for acks is
    re-sent (its ranks got it with the decision; ranks that restart load the active version by
    themselves); no decision recorded: abort (which tells the ranks and closes it).
-3. Durability: if the active version's artifact is not durable (the daemon died after its
+3. Versions caught mid-pipeline (RECEIVED, QUANTIZED, VERIFIED, PREPARED) become ABORTED with the
+   reason "daemon restarted": no pipeline is running to finish them. Acknowledged updates that
+   had not started yet (their version still RECEIVED, their id still queued) are spared.
+4. The queue: an update that was running when the daemon died is re-queued if its version had
+   not changed yet, else closed with its version's outcome.
+5. Durability: if the active version's artifact is not durable (the daemon died after its
    commit and before the background write ended, see service/artifact_writer.py), every rank
    returns to the previous committed version, whose artifact is durable and which the ranks
    hold resident, by a recorded rollback. The version becomes ROLLED_BACK with the reason, and
    its update says so: nothing acknowledged is lost silently.
-4. Versions caught mid-pipeline (RECEIVED, QUANTIZED, VERIFIED, PREPARED) become ABORTED with the
-   reason "daemon restarted": no pipeline is running to finish them. Acknowledged updates that
-   had not started yet (their version still RECEIVED, their id still queued) are spared.
-5. The queue: an update that was running when the daemon died is re-queued if its version had
-   not changed yet, else closed with its version's outcome.
 6. Prune artifacts that no rollback can use.
 """
 
@@ -87,7 +87,6 @@ def recover(
         report.transactions = coordinator.settle_open(
             fence=fence, wait=False, reason=f"{RESTART_REASON} before a decision"
         )
-        report.not_durable = _restore_durable(coordinator, versions, artifacts, queue, fence)
         spare = _unstarted(queue, versions)
         for record in versions.list(limit=_SCAN_VERSIONS):
             if record.status not in IN_FLIGHT:
@@ -100,6 +99,9 @@ def recover(
                 continue  # it moved on meanwhile; nothing to recover
             report.aborted_versions.append(record.version)
         report.requeued = _recover_queue(queue, versions)
+        # After the queue's rule: an update that was still running when the daemon died is
+        # closed there as committed, and this rule then says what became of it.
+        report.not_durable = _restore_durable(coordinator, versions, artifacts, queue, fence)
         report.pruned = coordinator.prune()
     finally:
         lock.release()
@@ -117,7 +119,7 @@ def _restore_durable(
     queue: UpdateQueue,
     fence: int,
 ) -> dict[str, Any] | None:
-    """Rule 3: no rank may stay on a version whose bytes are nowhere durable."""
+    """Rule 5: no rank may stay on a version whose bytes are nowhere durable."""
     active = coordinator.active_version()
     if active is None or artifacts.exists(active):
         return None
@@ -149,7 +151,7 @@ def _unstarted(queue: UpdateQueue, versions: VersionStore) -> set[int]:
 
 
 def _recover_queue(queue: UpdateQueue, versions: VersionStore) -> list[str]:
-    """Rule 5; returns the ids re-queued."""
+    """Rule 4; returns the ids re-queued."""
     requeued = []
     for update_id in queue.running():
         record = queue.get(update_id)

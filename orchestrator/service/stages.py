@@ -153,6 +153,10 @@ class UpdateStages:
         with self._stage(record, Stage.ROLLING_OUT):
             self.coordinator.rollout(version, fence=fence, shards=shards, prune=False)
 
+        # Committed: the trainer hears it now; the artifact follows (README "Durability").
+        self.queue.finish(record.update_id, ok=True, stage=Stage.COMMITTED, error=None)
+        self.metrics.updates.labels("committed").inc()
+        self.metrics.active_version.set(version)
         if write_first:
             drop_upload(record)
             self.coordinator.prune_quietly()
@@ -164,9 +168,6 @@ class UpdateStages:
                 version, shards, metadata,
                 before=self.coordinator.prune_quietly, then=lambda: drop_upload(record),
             )  # fmt: skip
-        self.queue.finish(record.update_id, ok=True, stage=Stage.COMMITTED, error=None)
-        self.metrics.updates.labels("committed").inc()
-        self.metrics.active_version.set(version)
         log.info("version %d committed on %d ranks (%s)", version, plan.tp_size,
                  ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items()))  # fmt: skip
 
