@@ -325,13 +325,13 @@ CASES: dict[str, tuple[Callable[[Api, Path], httpx.Response], int, str]] = {
         422, f"missing tensors: {Q}; unexpected tensors: model.extra.weight"),
     "wrong shape": (
         lambda a, e: a.push(_ckpt(a, _with(a, Q, lambda t: t[:, :255]))),
-        422, f"wrong shapes: {Q} has shape [256, 255], expected [256, 256]"),
+        422, f"wrong shape: {Q} has shape [256, 255], expected [256, 256]"),
     "wrong dtype (int32)": (
         lambda a, e: a.push(_ckpt(a, _with(a, Q, lambda t: t.to(torch.int32)))),
-        422, f"wrong dtypes: {Q} is I32, expected one of bf16, fp16, fp32"),
+        422, f"wrong dtype: {Q} is I32, expected bfloat16, float16 or float32"),
     "wrong dtype (float64)": (
         lambda a, e: a.upload(a.bytes_of(_with(a, NORM, lambda t: t.to(torch.float64)))),
-        422, f"wrong dtypes: {NORM} is F64, expected one of bf16, fp16, fp32"),
+        422, f"wrong dtype: {NORM} is F64, expected bfloat16, float16 or float32"),
     "path outside the roots via ..": (
         lambda a, e: a.push(f"{a.root}/../elsewhere/ckpt"),
         400, "resolves to {e}, outside every allowed root ({a.root})"),
