@@ -59,8 +59,9 @@ def test_killed_after_a_commit_before_the_artifact_every_rank_returns_to_a_durab
         # new one loads v1's artifact), with v1's bytes.
         want = [(v1, d) for d in _digests(again, v1)]
         wait_until(
-            lambda: [(r["version"], r["digest"]) for r in again.get("/weights/active")["ranks"]]
-            == want,
+            lambda: (
+                [(r["version"], r["digest"]) for r in again.get("/weights/active")["ranks"]] == want
+            ),
             timeout_s=60,
         )
         assert httpx.get(f"{again.url}/readyz", timeout=30).status_code == 200
