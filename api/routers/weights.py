@@ -217,14 +217,14 @@ async def list_versions(
 async def get_version(version: int, core: Core, _: Reader) -> VersionDetail:
     """One version: status, label, times, quantization report, verification metrics, ranks."""
     record = await run_in_threadpool(core.versions.get, version)
-    ranks = await run_in_threadpool(core.coordinator.version_ranks, version)
+    ranks = await run_in_threadpool(core.coordinator.ledger.version_ranks, version)
     return VersionDetail(**record.to_dict(), ranks=ranks)
 
 
 @router.get("/active", response_model=ActiveState, responses=_ERRORS)
 async def get_active(core: Core, _: Reader) -> Any:
     """The active version and what every rank holds."""
-    return await run_in_threadpool(core.coordinator.active)
+    return await run_in_threadpool(core.coordinator.ledger.active)
 
 
 # The body is read in the handler, after auth: a body parameter would be parsed before the

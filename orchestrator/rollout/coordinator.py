@@ -1,4 +1,6 @@
 """The coordinator: switches every TP rank to one version, or none, by two-phase commit on Redis.
+(What is active and what the ranks hold is read through ledger.py; old artifacts go in
+retention.py.)
 
 A rollout (or rollback) runs under the update lock, whose fence every mutating script checks:
 1. BEGIN records the transaction and the epoch it starts at, moves the version to PREPARED, and
@@ -19,12 +21,11 @@ A rollout (or rollback) runs under the update lock, whose fence every mutating s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,17 +34,16 @@ import redis
 from orchestrator.errors import (
     Conflict,
     FencedOut,
-    NotFound,
-    RedisUnavailable,
     RolloutAborted,
 )
+from orchestrator.rollout.ledger import RolloutLedger, redis_errors
+from orchestrator.rollout.retention import Retention
 from orchestrator.rollout.routes import Routes
 from orchestrator.rollout.txn import (
     BEGIN,
     DECIDE,
     RankPhase,
     TxnKind,
-    TxnRecord,
     TxnState,
 )
 from orchestrator.settings import Settings
@@ -54,8 +54,6 @@ from orchestrator.state.versions import (
     ALLOWED_FROM,
     EVENTS_MAXLEN,
     EVER_ACTIVE,
-    FINAL_FAILURES,
-    IN_FLIGHT,
     VersionStatus,
     VersionStore,
 )
@@ -79,14 +77,6 @@ _S = VersionStatus
 
 def _csv(statuses: frozenset[VersionStatus]) -> str:
     return ",".join(sorted(s.value for s in statuses))
-
-
-@contextlib.contextmanager
-def _redis_errors() -> Iterator[None]:
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise RedisUnavailable(f"Redis does not answer: {exc}") from None
 
 
 @dataclass
@@ -117,6 +107,8 @@ class Coordinator:
         self._scripts = ScriptRegistry(client)
         self.tp_size = settings.ranks.tp_size
         self.routes = Routes(client, keys, settings, artifacts)
+        self.ledger = RolloutLedger(client, keys, settings, versions)
+        self.retention = Retention(self.ledger, versions, artifacts, settings)
 
     # Public API ----------------------------------------------------------------------------
     def rollout(
@@ -140,7 +132,7 @@ class Coordinator:
         version), Conflict/NotFound (the version cannot be rolled out; nothing changed),
         FencedOut (the lock was lost) or RedisUnavailable.
         """
-        with _redis_errors():
+        with redis_errors():
             record = self._versions.get(version)
             if record.status not in ALLOWED_FROM[_S.PREPARED]:
                 raise Conflict(
@@ -170,12 +162,12 @@ class Coordinator:
         On success the version rolled back from is ROLLED_BACK and the target COMMITTED again.
         Returns what rollout() returns; raises RolloutAborted if a rank fails to prepare.
         """
-        with _redis_errors():
-            active = self.active_version()
+        with redis_errors():
+            active = self.ledger.active_version()
             if active is None:
                 raise Conflict("no version is active, so there is nothing to roll back")
             if to_version is None:
-                target = self.previous_committed()
+                target = self.ledger.previous_committed()
                 if target is None:
                     raise Conflict(
                         f"version {active} is active and no earlier version was committed (and "
@@ -201,7 +193,7 @@ class Coordinator:
         artifact) the active version again without waiting for the ranks, and record `reason`
         on the version rolled back from. PREPARE and COMMIT go to the ranks as usual; a rank
         that is down loads the active version when it starts, as always."""
-        with _redis_errors():
+        with redis_errors():
             record = self._versions.get(target)
             if record.status not in EVER_ACTIVE:
                 raise Conflict(f"version {target} is {record.status.value}; cannot restore it")
@@ -219,100 +211,6 @@ class Coordinator:
         return {"version": target, "txn": txn_id, "epoch": int(epoch),
                 "from_version": int(from_version) if from_version else None}  # fmt: skip
 
-    def active(self) -> dict[str, Any]:
-        """The active version, the epoch that made it so, and what every rank holds."""
-        with _redis_errors():
-            pipe = self._r.pipeline(transaction=False)
-            pipe.hgetall(self._keys.active)
-            pipe.get(self._keys.epoch)
-            for r in range(self.tp_size):
-                pipe.hgetall(self._keys.rank(r))
-                pipe.exists(self._keys.rank_alive(r))
-            replies = pipe.execute()
-        active, epoch, per_rank = replies[0], replies[1], replies[2:]
-        ranks = []
-        for r in range(self.tp_size):
-            raw, alive = per_rank[2 * r], per_rank[2 * r + 1]
-            ranks.append(
-                {
-                    "rank": r,
-                    "version": _opt_int(raw.get("version")),
-                    "state": raw.get("state") or "UNREGISTERED",
-                    "alive": bool(alive),
-                    "digest": raw.get("digest") or None,
-                    "epoch": _opt_int(raw.get("epoch")),
-                    "staged_version": _opt_int(raw.get("staged_version")),
-                    "previous_version": _opt_int(raw.get("previous_version")),
-                    "reason": raw.get("reason") or None,
-                    "device": raw.get("device") or None,
-                    "pid": _opt_int(raw.get("pid")),
-                    "host": raw.get("host") or None,
-                }
-            )
-        return {
-            "active_version": _opt_int(active.get("version")),
-            "epoch": int(active.get("epoch") or 0),
-            "current_epoch": int(epoch or 0),
-            "txn": active.get("txn") or None,
-            "ranks": ranks,
-        }
-
-    def version_ranks(self, version: int) -> list[dict[str, Any]]:
-        """Per-rank states (state, digest, expected_digest, reason) in the version's last
-        transaction; [] when it never reached the ranks."""
-        with _redis_errors():
-            txn_id = self._r.hget(self._keys.version(version), "last_txn")
-            if not txn_id:
-                if not self._r.exists(self._keys.version(version)):
-                    raise NotFound(f"version {version} does not exist")
-                return []
-            record = self.txn(txn_id)
-        return [{"txn": record.id, "kind": record.kind.value, **r} for r in record.ranks]
-
-    def txn(self, txn_id: str) -> TxnRecord:
-        """One transaction's record."""
-        raw = self._r.hgetall(self._keys.txn(txn_id))
-        if not raw:
-            raise NotFound(f"transaction {txn_id} does not exist")
-        return TxnRecord.from_hash(raw)
-
-    def open_txns(self) -> list[TxnRecord]:
-        """Transactions without a final outcome, oldest first."""
-        with _redis_errors():
-            ids = self._r.smembers(self._keys.open_txns)
-            records = []
-            for txn_id in ids:
-                with contextlib.suppress(NotFound):
-                    records.append(self.txn(txn_id))
-        return sorted(records, key=lambda t: t.created_at)
-
-    def previous_committed(self) -> int | None:
-        """The version that was active before the current one and not rolled back from since:
-        the default rollback target, and never pruned."""
-        with _redis_errors():
-            active = self.active_version()
-            seen: set[int] = set()
-            # Read from the end in chunks: the answer is nearly always among the last entries.
-            end = -1
-            while chunk := self._r.lrange(self._keys.active_history, end - _HISTORY_CHUNK + 1, end):
-                for item in reversed(chunk):
-                    version = int(item)
-                    if version == active or version in seen:
-                        continue
-                    seen.add(version)
-                    with contextlib.suppress(NotFound):
-                        if self._versions.get(version).status == _S.SUPERSEDED:
-                            return version
-                if len(chunk) < _HISTORY_CHUNK:
-                    break
-                end -= _HISTORY_CHUNK
-        return None
-
-    def committed_history(self) -> list[int]:
-        """Every version a COMMIT decision made active, in decision order."""
-        with _redis_errors():
-            return [int(v) for v in self._r.lrange(self._keys.active_history, 0, -1)]
-
     def settle_open(
         self,
         *,
@@ -327,8 +225,8 @@ class Coordinator:
         raises RolloutAborted if any still does; without, only re-sends the commands.
         """
         settled = []
-        with _redis_errors():
-            for record in self.open_txns():
+        with redis_errors():
+            for record in self.ledger.open_txns():
                 if record.state == TxnState.PREPARING:
                     self._abort(record.id, record.version, record.kind, fence=fence, reason=reason)
                 elif record.state == TxnState.COMMITTING:
@@ -357,40 +255,6 @@ class Coordinator:
                                 "state": record.state.value})  # fmt: skip
         return settled
 
-    def prune(self) -> list[int]:
-        """Delete artifacts no rollback can use: failed versions', and committed ones beyond
-        rollout.retention. The active, the previous committed, and in-flight versions stay."""
-        with _redis_errors():
-            stored = self._artifacts.stored_versions()
-            if not stored:
-                return []
-            keep = {v for v in (self.active_version(), self.previous_committed()) if v is not None}
-            removed = []
-            for version in stored:
-                try:
-                    status = self._versions.get(version).status
-                except NotFound:
-                    continue
-                if status in IN_FLIGHT:
-                    keep.add(version)
-                elif status in FINAL_FAILURES and version not in keep:
-                    self._artifacts.remove(version)
-                    removed.append(version)
-        removed += self._artifacts.prune(keep, self._settings.rollout.retention)
-        if removed:
-            log.info("pruned the artifacts of version(s) %s", _ranks(set(removed)))
-        return sorted(removed)
-
-    def prune_quietly(self) -> list[int]:
-        """`prune`, logging instead of raising: a commit stands whatever happens here, and a
-        failed prune is retried after the next one."""
-        try:
-            return self.prune()
-        except (OSError, RedisUnavailable) as exc:
-            log.warning("could not prune artifacts: %s", exc)
-            return []
-
-    # The two phases ------------------------------------------------------------------------
     def _run(
         self,
         version: int,
@@ -455,7 +319,7 @@ class Coordinator:
             "from_version": int(from_version) if from_version else None,
             "epoch": int(epoch),
             "pending_ranks": sorted(done.pending),
-            "pruned": self.prune_quietly() if prune else [],
+            "pruned": self.retention.prune_quietly() if prune else [],
             "timings": {
                 "prepare_s": t_prepared - t0,
                 "commit_s": t_done - t_prepared,
@@ -624,14 +488,6 @@ class Coordinator:
             elif instances.setdefault(r, instance) != instance:
                 trouble[r] = f"rank {r} restarted and lost the transaction's commands"
         return trouble, dead
-
-    def active_version(self) -> int | None:
-        """The active version, as the last decision recorded it."""
-        return _opt_int(self._r.hget(self._keys.active, "version"))
-
-
-def _opt_int(value: Any) -> int | None:
-    return int(value) if value not in (None, "") else None
 
 
 def _why(trouble: dict[int, str]) -> str:

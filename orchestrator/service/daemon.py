@@ -204,7 +204,7 @@ class Refitd:
 
     def refresh_metrics(self) -> None:
         """Gauges read at scrape time."""
-        state = self.coordinator.active()
+        state = self.coordinator.ledger.active()
         self.metrics.active_version.set(state["active_version"] or 0)
         self.metrics.live_ranks.set(sum(1 for r in state["ranks"] if r["alive"]))
         self.metrics.queued.set(self.pipeline.queue.waiting())
@@ -231,8 +231,8 @@ class Refitd:
         if not self.redis_alive():
             return Readiness(False, f"redis at {redact(self.redis_url)} does not answer")
         try:
-            state = self.coordinator.active()
-            open_txns = self.coordinator.open_txns()
+            state = self.coordinator.ledger.active()
+            open_txns = self.coordinator.ledger.open_txns()
         except RedisUnavailable as exc:
             return Readiness(False, exc.message)
         active = state["active_version"]

@@ -102,7 +102,7 @@ def recover(
         # After the queue's rule: an update that was still running when the daemon died is
         # closed there as committed, and this rule then says what became of it.
         report.not_durable = _restore_durable(coordinator, versions, artifacts, queue, fence)
-        report.pruned = coordinator.prune()
+        report.pruned = coordinator.retention.prune()
     finally:
         lock.release()
     if report.transactions or report.aborted_versions or report.not_durable:
@@ -120,10 +120,10 @@ def _restore_durable(
     fence: int,
 ) -> dict[str, Any] | None:
     """Rule 5: no rank may stay on a version whose bytes are nowhere durable."""
-    active = coordinator.active_version()
+    active = coordinator.ledger.active_version()
     if active is None or artifacts.exists(active):
         return None
-    target = coordinator.previous_committed()
+    target = coordinator.ledger.previous_committed()
     if target is None or not artifacts.exists(target):
         # The artifact-first rule makes this impossible for versions this daemon committed;
         # say so loudly rather than guess.

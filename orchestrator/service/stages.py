@@ -159,14 +159,14 @@ class UpdateStages:
         self.metrics.active_version.set(version)
         if write_first:
             drop_upload(record)
-            self.coordinator.prune_quietly()
+            self.coordinator.retention.prune_quietly()
         else:
             # Measured on the H200: deleting a 9 GB artifact while the next update ran slowed its
             # 2PC tenfold (the AOF's fsyncs wait behind the filesystem), so old versions are
             # pruned right after this commit, before this version's artifact is written.
             self.writer.submit(
                 version, shards, metadata,
-                before=self.coordinator.prune_quietly, then=lambda: drop_upload(record),
+                before=self.coordinator.retention.prune_quietly, then=lambda: drop_upload(record),
             )  # fmt: skip
         log.info("version %d committed on %d ranks (%s)", version, plan.tp_size,
                  ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items()))  # fmt: skip
@@ -177,7 +177,7 @@ class UpdateStages:
         resident previous version), or a rank that will read the artifact."""
         if not self.settings.ranks.keep_previous:
             return True
-        active = self.coordinator.active_version()
+        active = self.coordinator.ledger.active_version()
         if active is None or not self.artifacts.exists(active):
             return True
         return bool(self.coordinator.routes.needs_artifact())

@@ -136,11 +136,11 @@ class Cluster:
 
     def wait_ready(self, version: int | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
         """Until every rank's current agent process is alive, READY and holds `version`
-        (default: the active one) with the digest of its artifact. Returns coordinator.active().
+        (default: the active one) with the digest of its layout. Returns the ledger's active().
         """
 
         def settled() -> dict[str, Any] | None:
-            state = self.coordinator.active()
+            state = self.coordinator.ledger.active()
             want = state["active_version"] if version is None else version
             # A killed agent's hash looks alive until its heartbeat key expires: only the
             # process the supervisor runs now counts.

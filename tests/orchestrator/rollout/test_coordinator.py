@@ -223,7 +223,7 @@ def test_five_updates_in_a_row_commit_on_every_rank_with_the_artifacts_digests(
         result = c.rollout(v)
         assert result["pending_ranks"] == [], c.logs()
         assert result["from_version"] == (versions[-1] if versions else None)
-        state = c.coordinator.active()
+        state = c.coordinator.ledger.active()
         assert state["active_version"] == v
         assert state["epoch"] == result["epoch"]
         for rank in state["ranks"]:
@@ -231,15 +231,15 @@ def test_five_updates_in_a_row_commit_on_every_rank_with_the_artifacts_digests(
             assert rank["version"] == v and rank["epoch"] == result["epoch"]
             assert rank["digest"] == c.digest(v, rank["rank"])
             assert rank["staged_version"] is None
-        assert [r["state"] for r in c.coordinator.version_ranks(v)] == ["COMMITTED"] * 4
-        assert [r["digest"] for r in c.coordinator.version_ranks(v)] == [
+        assert [r["state"] for r in c.coordinator.ledger.version_ranks(v)] == ["COMMITTED"] * 4
+        assert [r["digest"] for r in c.coordinator.ledger.version_ranks(v)] == [
             c.digest(v, r) for r in range(4)]  # fmt: skip
         epochs.append(result["epoch"])
         versions.append(v)
     assert epochs == sorted(set(epochs))
-    assert c.coordinator.committed_history() == versions
+    assert c.coordinator.ledger.committed_history() == versions
     assert [c.status(v) for v in versions] == [S.SUPERSEDED] * 4 + [S.COMMITTED]
-    assert c.coordinator.open_txns() == []
+    assert c.coordinator.ledger.open_txns() == []
     # Retention 3: the two oldest are pruned, the active and the previous kept.
     assert c.artifacts.stored_versions() == versions[2:]
 
@@ -264,20 +264,20 @@ def test_rollback_to_the_previous_and_to_a_chosen_version(make_cluster) -> None:
     result = c.rollback()
     assert (result["version"], result["kind"], result["from_version"]) == (v3, "rollback", v4)
     assert c.status(v3) == S.COMMITTED and c.status(v4) == S.ROLLED_BACK
-    state = c.coordinator.active()
+    state = c.coordinator.ledger.active()
     assert state["active_version"] == v3
     assert [r["digest"] for r in state["ranks"]] == [c.digest(v3, r) for r in range(4)]
 
     result = c.rollback(v2)
     assert (result["version"], result["from_version"]) == (v2, v3)
     assert c.status(v2) == S.COMMITTED and c.status(v3) == S.ROLLED_BACK
-    state = c.coordinator.active()
+    state = c.coordinator.ledger.active()
     assert state["active_version"] == v2
     assert all(r["version"] == v2 for r in state["ranks"])
     assert [r["digest"] for r in state["ranks"]] == [c.digest(v2, r) for r in range(4)]
-    assert c.coordinator.committed_history() == [v1, v2, v3, v4, v3, v2]
+    assert c.coordinator.ledger.committed_history() == [v1, v2, v3, v4, v3, v2]
     # The version rolled back from is not a default target, whatever its age.
-    assert c.coordinator.previous_committed() == v1
+    assert c.coordinator.ledger.previous_committed() == v1
 
 
 def test_rollback_to_a_pruned_unknown_or_unfit_version_is_a_clear_error_that_changes_nothing(
@@ -299,8 +299,8 @@ def test_rollback_to_a_pruned_unknown_or_unfit_version_is_a_clear_error_that_cha
     def snapshot() -> tuple:
         statuses = {v: c.status(v) for v in (v1, v2, v3, v4, aborted)}
         events = [e for e in c.events() if e["kind"] != "lock"]
-        return (c.coordinator.active(), statuses, events, c.artifacts.stored_versions(),
-                c.coordinator.committed_history())  # fmt: skip
+        return (c.coordinator.ledger.active(), statuses, events, c.artifacts.stored_versions(),
+                c.coordinator.ledger.committed_history())  # fmt: skip
 
     before = snapshot()
     for target, error, message in [
@@ -323,9 +323,9 @@ def test_retention_never_prunes_the_active_or_previous_version(make_cluster) -> 
         c.rollout(v)
     assert c.artifacts.stored_versions() == versions[1:]
     c.rollback(versions[1])  # now v2 active, v3 ROLLED_BACK, previous committed: v1 (pruned)
-    assert c.coordinator.previous_committed() == versions[0]
+    assert c.coordinator.ledger.previous_committed() == versions[0]
     v4 = c.make_version()
     c.rollout(v4)
     # Active v4 and previous v2 are pinned; v3 (rolled back from) goes.
-    assert c.coordinator.previous_committed() == versions[1]
+    assert c.coordinator.ledger.previous_committed() == versions[1]
     assert c.artifacts.stored_versions() == [versions[1], v4]

@@ -152,7 +152,7 @@ def test_a_corrupt_shard_fails_prepare_and_the_abort_names_the_rank(make_cluster
         c.rollout(v2)
     version = c.versions.get(v2)
     assert version.status == VersionStatus.ABORTED and "rank 2" in (version.reason or "")
-    ranks = {r["rank"]: r for r in c.coordinator.version_ranks(v2)}
+    ranks = {r["rank"]: r for r in c.coordinator.ledger.version_ranks(v2)}
     assert ranks[2]["state"] == "FAILED" and "the version's" in ranks[2]["reason"]
     state = c.wait_ready(v1)  # every rank holds v1 and nothing staged
     assert all(h["staged_version"] is None for h in state["ranks"])

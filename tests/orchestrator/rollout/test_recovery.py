@@ -43,7 +43,7 @@ def test_daemon_killed_after_the_decision_every_rank_ends_on_the_new_version(
     try:
         txn = decide_with_ranks_stopped(c, driver, v2)
         # The decision is recorded and no rank has applied it: each serves v1, v2 staged.
-        state = c.coordinator.active()
+        state = c.coordinator.ledger.active()
         assert state["active_version"] == v2
         assert [(r["version"], r["staged_version"]) for r in state["ranks"]] == [(v1, v2)] * 4
         driver.kill()
@@ -54,10 +54,10 @@ def test_daemon_killed_after_the_decision_every_rank_ends_on_the_new_version(
         {"txn": txn["id"], "version": v2, "state": "COMMITTING"}]  # fmt: skip
     state = c.wait_ready(v2)
     assert state["active_version"] == v2 and state["epoch"] == int(txn["epoch"])
-    wait_until(lambda: c.coordinator.open_txns() == [])
-    assert c.coordinator.txn(txn["id"]).state.value == "COMMITTED"
+    wait_until(lambda: c.coordinator.ledger.open_txns() == [])
+    assert c.coordinator.ledger.txn(txn["id"]).state.value == "COMMITTED"
     assert (c.status(v1), c.status(v2)) == (S.SUPERSEDED, S.COMMITTED)
-    assert c.coordinator.committed_history() == [v1, v2]
+    assert c.coordinator.ledger.committed_history() == [v1, v2]
     restarted.stop()
 
 
@@ -88,8 +88,8 @@ def test_daemon_killed_before_the_decision_every_rank_ends_on_the_old_version(
     record = c.versions.get(v2)
     assert record.status == S.ABORTED
     assert record.reason == f"{RESTART_REASON} before a decision"
-    assert c.coordinator.committed_history() == [v1]
-    assert c.coordinator.txn(txn["id"]).state.value == "ABORTED"
+    assert c.coordinator.ledger.committed_history() == [v1]
+    assert c.coordinator.ledger.txn(txn["id"]).state.value == "ABORTED"
     # The cluster works on: the next rollout commits everywhere.
     v3 = c.make_version()
     assert restarted.call(f"rollout {v3}")["ok"]
@@ -120,7 +120,7 @@ def test_an_open_transaction_whose_version_was_already_aborted_is_still_settled(
     restarted = Driver(c)  # recovery settles the open transaction instead of failing on it
     assert restarted.started["recovery"]["transactions"] == [
         {"txn": txn["id"], "version": v2, "state": "PREPARING"}]  # fmt: skip
-    assert c.coordinator.txn(txn["id"]).state.value == "ABORTED"
+    assert c.coordinator.ledger.txn(txn["id"]).state.value == "ABORTED"
     state = c.wait_ready(v1)
     assert all(r["staged_version"] is None for r in state["ranks"])
     v3 = c.make_version()
