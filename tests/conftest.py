@@ -166,16 +166,6 @@ def refused_port() -> int:
 _HELD: list[socket.socket] = []
 
 
-def free_port() -> int:
-    """A port free now, for a server whose port must be known before it starts. Racy: another
-    process may take it before the server binds it; prefer binding port 0 (the daemon fixture
-    below) or handing a bound socket to the server (tests/orchestrator/rollout/test_faults.py).
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class DaemonProcess:
     """A real `refitd serve` process; its API binds port 0 and `port` is read from it."""

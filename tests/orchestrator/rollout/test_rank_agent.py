@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -23,7 +24,7 @@ from orchestrator.rollout.slots import Held, ShardSlots
 from orchestrator.service.daemon import Refitd
 from orchestrator.settings import load_settings
 from orchestrator.state.versions import VersionStatus
-from tests.conftest import free_port, wait_until
+from tests.conftest import wait_until
 from tests.orchestrator._cluster import Cluster, make_cluster, random_shards  # noqa: F401
 
 TRAINER = "trainer-token-0123456789"
@@ -206,7 +207,10 @@ def test_a_stale_commit_is_refused_and_a_repeated_one_is_acked_again(make_cluste
 def http_daemon(make_cluster) -> Iterator[tuple[Cluster, list[str]]]:  # noqa: F811
     """A TP 2 cluster whose ranks fetch shards over HTTP from a real uvicorn serving the
     artifacts router (tokens required), and the paths it was asked for."""
-    port = free_port()
+    # The listening socket is bound here and handed to uvicorn: no port to race for.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     c = make_cluster(2, start=False, dev_mode=False, server={"port": port},
                      auth={"trainer_token": TRAINER, "admin_token": ADMIN},
                      ranks={"fetch": "http"})  # fmt: skip
@@ -223,7 +227,7 @@ def http_daemon(make_cluster) -> Iterator[tuple[Cluster, list[str]]]:  # noqa: F
         return response
 
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_until(lambda: server.started)
     try:
@@ -232,6 +236,7 @@ def http_daemon(make_cluster) -> Iterator[tuple[Cluster, list[str]]]:  # noqa: F
     finally:
         server.should_exit = True
         thread.join(10)
+        sock.close()
 
 
 def test_ranks_fetch_their_shards_over_http_with_a_token(http_daemon) -> None:
