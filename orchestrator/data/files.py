@@ -144,7 +144,7 @@ class StagingPool:
 # ---- file access -------------------------------------------------------------------------------
 
 
-def _open_regular(path: Path) -> tuple[int, os.stat_result]:
+def open_regular(path: Path) -> tuple[int, os.stat_result]:
     """Open read-only without blocking and without following into a FIFO or a device."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -450,7 +450,7 @@ class _OpenSource:
 
 
 def _open_source(path: Path, max_header_bytes: int) -> _OpenSource:
-    fd, st = _open_regular(path)
+    fd, st = open_regular(path)
     try:
         prefix = bytearray(8)
         if st.st_size < 8:

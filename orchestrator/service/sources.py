@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kernels.finite import find_non_finite
+from orchestrator.data.files import open_regular
 from orchestrator.errors import InvalidUpdate, PayloadTooLarge, SourceNotAllowed
 from orchestrator.model.structure import compare
 from orchestrator.state.artifacts import fsync_dir
@@ -113,6 +114,10 @@ def inspect_files(source: WeightFiles, *, max_tensors: int) -> dict[str, tuple[s
     """
     found: dict[str, tuple[str, list[int]]] = {}
     for path in source.files:
+        # A FIFO or a device would block (or never end) the open below, on a worker the API
+        # needs: only regular files, checked without blocking.
+        fd, _ = open_regular(path)
+        os.close(fd)
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)

@@ -185,3 +185,13 @@ def test_upload_sink_streams_hashes_and_limits(tmp_path: Path) -> None:
     empty = UploadSink(tmp_path / "up", "u3", max_bytes=10)
     with pytest.raises(InvalidUpdate, match="empty"):
         empty.finish()
+
+
+def test_a_fifo_in_a_source_directory_is_refused_without_blocking(root: Path) -> None:
+    ckpt = root / "fifo-ckpt"
+    ckpt.mkdir()
+    os.mkfifo(ckpt / "model.safetensors")
+    # Nothing ever opens the FIFO for writing: a blocking open would hang this test.
+    files = resolve_path_source(str(ckpt), [root])
+    with pytest.raises(InvalidUpdate, match="is not a regular file"):
+        inspect_files(files, max_tensors=10)
