@@ -126,6 +126,17 @@ def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0, step_s:
         time.sleep(step_s)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie (exited, not yet reaped) does not, nor one reaped between the
+    two looks."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No REFITD_* variable from the caller's shell leaks into a test."""

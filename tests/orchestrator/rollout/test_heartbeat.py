@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.rollout.heartbeat import Heartbeat
 from orchestrator.settings import REPO_ROOT
-from tests.conftest import wait_until
+from tests.conftest import process_alive, wait_until
 
 KEY = "refitd:rank:0:alive"
 TTL_S = 0.5
@@ -84,25 +84,12 @@ def test_a_heartbeat_stops_while_its_process_is_paused_and_dies_with_it(start_re
         # A killed agent takes its heartbeat process with it.
         agent.kill()
         agent.wait()
-        wait_until(lambda: not _running(beater), timeout_s=30)
+        wait_until(lambda: not process_alive(beater), timeout_s=30)
         wait_until(lambda: client.get(KEY) is None, timeout_s=30)
     finally:
         if agent.poll() is None:
             agent.kill()
             agent.wait()
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by init in a container) counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0"])

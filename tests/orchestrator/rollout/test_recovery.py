@@ -16,7 +16,7 @@ from orchestrator.service.daemon import Refitd
 from orchestrator.service.recovery import RESTART_REASON
 from orchestrator.settings import load_settings
 from orchestrator.state.versions import VersionStatus
-from tests.conftest import refused_port, wait_until
+from tests.conftest import process_alive, refused_port, wait_until
 from tests.orchestrator._cluster import (  # noqa: F401
     Driver,
     decide_with_ranks_stopped,
@@ -192,20 +192,6 @@ def test_readiness_says_why_the_cluster_is_not_ready(make_cluster) -> None:  # n
         core.stop()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has exited; only its parent has not reaped it yet. It may also be reaped between
-    # the two looks.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
-        return False
-
-
 @pytest.mark.slow
 def test_serve_keeps_one_agent_per_rank_and_they_stop_and_die_with_it(
     start_daemon, start_redis, clean_env
@@ -221,7 +207,7 @@ def test_serve_keeps_one_agent_per_rank_and_they_stop_and_die_with_it(
 
     def pids() -> dict[int, int] | None:
         hashes = [client.hgetall(f"refitd:rank:{r}") for r in (0, 1)]
-        if all(h.get("state") == "READY" and _alive(int(h["pid"])) for h in hashes):
+        if all(h.get("state") == "READY" and process_alive(int(h["pid"])) for h in hashes):
             return {r: int(h["pid"]) for r, h in enumerate(hashes)}
         return None
 
@@ -236,7 +222,7 @@ def test_serve_keeps_one_agent_per_rank_and_they_stop_and_die_with_it(
     assert "rank 1 agent exited with code -9; restarting" in daemon.log()
 
     assert daemon.stop() == 0
-    assert not any(_alive(p) for p in second.values())
+    assert not any(process_alive(p) for p in second.values())
     assert all(client.hget(f"refitd:rank:{r}", "state") == "STOPPED" for r in (0, 1))
 
     # SIGKILLed, the daemon cannot stop its agents: they die with it (PR_SET_PDEATHSIG).
@@ -244,7 +230,7 @@ def test_serve_keeps_one_agent_per_rank_and_they_stop_and_die_with_it(
     third = wait_until(lambda: (p := pids()) and set(p.values()).isdisjoint(second.values()) and p,
                        timeout_s=30)  # fmt: skip
     daemon.kill()
-    wait_until(lambda: not any(_alive(p) for p in third.values()), timeout_s=10)
+    wait_until(lambda: not any(process_alive(p) for p in third.values()), timeout_s=10)
 
 
 def test_a_crash_looping_agent_is_restarted_ever_more_slowly(
