@@ -252,6 +252,32 @@ def digest_reference_sums(
     return sums[0], sums[1]
 
 
+def _digest_numpy(buf: torch.Tensor, chunk_words: int = 1 << 22) -> tuple[int, int]:
+    """The reference's lane sums in numpy uint32, whose arithmetic wraps mod 2^32 by definition:
+    the same function, a few times faster on the CPU than the int64 torch oracle (which it is
+    tested against), for CPU ranks and CI."""
+    import numpy as np
+
+    words = _words(buf).numpy().view(np.uint32)
+    sums = [0, 0]
+    with np.errstate(over="ignore"):
+        for start in range(0, words.size, chunk_words):
+            chunk = words[start : start + chunk_words]
+            idx = np.arange(start, start + chunk.size, dtype=np.uint64)
+            idx_lo = (idx & np.uint64(MASK32)).astype(np.uint32)
+            idx_hi = (idx >> np.uint64(32)).astype(np.uint32)
+            for k, (seed, mul) in enumerate(LANES):
+                key = idx_lo * np.uint32(mul) + idx_hi * np.uint32(HI_MUL) + np.uint32(seed)
+                h = chunk ^ key
+                h ^= h >> np.uint32(16)
+                h *= np.uint32(0x85EBCA6B)
+                h ^= h >> np.uint32(13)
+                h *= np.uint32(0xC2B2AE35)
+                h ^= h >> np.uint32(16)
+                sums[k] = (sums[k] + int(h.sum(dtype=np.uint64))) & MASK64
+    return sums[0], sums[1]
+
+
 def digest_reference(buf: torch.Tensor) -> str:
     """The digest in plain torch (the oracle), on any device."""
     check_buffer(buf)
@@ -265,8 +291,10 @@ def digest(buf: torch.Tensor, backend: Backend = "auto", config: DigestConfig | 
     (on the CPU only under TRITON_INTERPRET=1). Both give the same digest bit for bit.
     """
     check_buffer(buf)
-    if backend == "reference" or (backend == "auto" and buf.device.type != "cuda"):
+    if backend == "reference":
         return _finish(digest_reference_sums(buf), buf.numel())
+    if backend == "auto" and buf.device.type != "cuda":
+        return _finish(_digest_numpy(buf), buf.numel())
     if backend not in ("auto", "triton"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     if buf.device.type != "cuda" and not kernel_is_interpreted():

@@ -183,3 +183,12 @@ def test_gpu_kernel_equals_the_reference_past_2_to_the_31_words():
     buf = random_cuda_bytes(n, "big")
     want = _finish(digest_reference_sums(buf, chunk_words=1 << 27), n)
     assert digest(buf) == want
+
+
+@pytest.mark.parametrize("nbytes", [16, 4096, (1 << 20) + 48, (3 << 16) + 16])
+def test_the_cpu_path_equals_the_reference_across_chunk_boundaries(nbytes: int) -> None:
+    from kernels.digest import _digest_numpy, digest_reference_sums
+
+    buf = torch.empty(nbytes + 16, dtype=torch.uint8).random_()[16:]  # a slice, fresh data
+    assert _digest_numpy(buf, chunk_words=1 << 12) == digest_reference_sums(buf)
+    assert digest(buf) == digest(buf, backend="reference")
