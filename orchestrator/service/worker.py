@@ -20,10 +20,13 @@ from orchestrator.rollout.lock import UpdateLock
 from orchestrator.service.stages import UpdateStages, drop_upload
 from orchestrator.service.updates import Stage, UpdateQueue, UpdateRecord
 from orchestrator.settings import Settings
-from orchestrator.state.redis_client import OutageLog
+from orchestrator.state.redis_client import REDIS_DOWN, OutageLog
 from orchestrator.state.versions import EVER_COMMITTED, VersionStatus, VersionStore
 
 log = logging.getLogger("refitd.pipeline")
+
+# What taking from the queue raises while Redis is down: the worker waits it out, never dies of it.
+_QUEUE_DOWN: tuple[type[BaseException], ...] = (RefitError, *REDIS_DOWN)
 
 
 class UpdateWorker:
@@ -78,7 +81,7 @@ class UpdateWorker:
                 continue
             try:
                 update_id = self.queue.take(timeout_s=0.5)
-            except RefitError as exc:  # Redis down: readiness reports it; logged once
+            except _QUEUE_DOWN as exc:  # Redis down: readiness says so; logged once
                 outage.failed(exc)
                 self._stop.wait(1.0)
                 continue
