@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -77,6 +77,15 @@ def serve(config: ConfigOption = None, log_level: str = "INFO") -> None:
     _Server = _server_class()
 
     core = Refitd(settings)
+    servers: list[Any] = []
+
+    def _fatal(reason: str) -> None:
+        # From the Redis watchdog's thread: the server exits as on SIGTERM, and then refitd
+        # exits non-zero below, for a supervisor (systemd, docker) to restart it.
+        for running in servers:
+            running.should_exit = True
+
+    core.on_fatal = _fatal
     try:
         core.start()
     except RefitError as exc:
@@ -93,12 +102,18 @@ def serve(config: ConfigOption = None, log_level: str = "INFO") -> None:
             timeout_graceful_shutdown=10,
         )
         server = _Server(uvicorn_config)
+        servers.append(server)
+        if core.fatal is not None:
+            server.should_exit = True
         server.run()
-        if not server.started:
-            fail(f"could not listen on {settings.server.host}:{settings.server.port}")
     finally:
         core.stop()
         os.close(lock_fd)
+    # After the stop, so that this line is the last one a supervisor's log shows.
+    if core.fatal is not None:
+        fail(core.fatal, code=1)
+    if not server.started:
+        fail(f"could not listen on {settings.server.host}:{settings.server.port}")
 
 
 @app.command()

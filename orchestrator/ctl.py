@@ -175,7 +175,10 @@ def rollback(
 def health(ctx: typer.Context) -> None:
     """Liveness and readiness; exit 1 when not ready."""
     c: _Ctx = ctx.obj
-    c.request("GET", "/healthz")
+    live = c.request("GET", "/healthz", ok=(200, 503))
+    if live["status"] != "ok":
+        typer.echo(f"live: no ({live.get('reason')})\nready: no")
+        raise typer.Exit(1)
     ready = c.request("GET", "/readyz", ok=(200, 503))
     typer.echo(f"live: yes\nready: {'yes' if ready['ready'] else 'no'} ({ready['reason']})")
     if not ready["ready"]:
