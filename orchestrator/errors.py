@@ -51,6 +51,19 @@ class PayloadTooLarge(RefitError):
     status_code = 413
 
 
+class InsufficientStorage(RefitError):
+    """The filesystem of the data directory is full (ENOSPC, EDQUOT): nothing was kept."""
+
+    status_code = 507
+
+
+class StorageUnavailable(RefitError):
+    """The data directory cannot be written (an I/O error, a read-only filesystem, permissions):
+    nothing was kept."""
+
+    status_code = 503
+
+
 class NotFound(RefitError):
     """An unknown update id or version."""
 
