@@ -6,15 +6,19 @@ have the service's dependencies.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RefitError(Exception):
     """Base of every error refitd raises on purpose. `status_code` is what the API answers."""
 
     status_code = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
+        # Fields the API adds to its {"detail": message} answer (e.g. an update's id).
+        self.extra = extra
 
 
 class ConfigError(RefitError):
@@ -25,6 +29,11 @@ class RedisUnavailable(RefitError):
     """Redis did not answer."""
 
     status_code = 503
+
+
+class UpdateOutcomeUnknown(RedisUnavailable):
+    """Redis stopped answering while an update was being recorded: whether it was is known only
+    once Redis answers again. The answer carries the update's id, to look it up then."""
 
 
 class BadRequest(RefitError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated, Any
 
@@ -23,10 +24,13 @@ from api.schemas import (
     VersionList,
     VersionSummary,
 )
-from orchestrator.errors import BadRequest, PayloadTooLarge
+from orchestrator.errors import BadRequest, PayloadTooLarge, RedisUnavailable
 from orchestrator.service.updates import UpdateRecord, UpdateStatus
+from orchestrator.state.redis_client import REDIS_DOWN, OutageLog
 
 router = APIRouter(prefix="/weights", tags=["weights"])
+log = logging.getLogger("refitd.api")
+_REDIS_DOWN: tuple[type[BaseException], ...] = (RedisUnavailable, *REDIS_DOWN)
 
 UPLOAD_TYPES = ("application/octet-stream", "application/x-safetensors")
 # Uploads are written to disk in chunks of this size, off the event loop.
@@ -178,10 +182,26 @@ async def _receive_upload(
 
 
 async def _wait_final(request: Request, core: Core, record: UpdateRecord) -> JSONResponse:
+    """The update's final state, polled until limits.request_timeout_s. The update is recorded:
+    a Redis that stops answering meanwhile is waited out (the update runs once it is back), and
+    if it is still down at the deadline the answer says which update to follow, so that the
+    trainer does not send it again."""
     deadline = time.monotonic() + core.settings.limits.request_timeout_s
+    outage = OutageLog(log, f"?wait=true on update {record.update_id}")
     while not record.final and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-        record = await run_in_threadpool(core.pipeline.queue.get, record.update_id)
+        try:
+            record = await run_in_threadpool(core.pipeline.queue.get, record.update_id)
+        except _REDIS_DOWN as exc:
+            outage.failed(exc)
+            continue
+        outage.recovered()
+    if outage.down:
+        detail = (f"Redis does not answer, so update {record.update_id} (version "
+                  f"{record.version}, recorded) cannot be followed now; it runs once Redis is "
+                  "back: follow it at status_url, and do not send it again")  # fmt: skip
+        body = {"detail": detail, **_state(request, record).model_dump()}
+        return JSONResponse(status_code=503, content=body)
     body = _state(request, record).model_dump()
     if not record.final:
         return JSONResponse(status_code=202, content=body)

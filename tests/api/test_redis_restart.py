@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
+from orchestrator.rollout.lock import UpdateLock
+from orchestrator.state.keys import Keys
 from orchestrator.state.redis_client import connect
 from orchestrator.state.redis_server import unix_socket_path, unix_url
 from tests.api.conftest import Api
@@ -40,8 +43,12 @@ def _healthz(api: Api) -> httpx.Response:
     return httpx.get(f"{api.url}/healthz", timeout=30)
 
 
-def test_a_killed_embedded_redis_is_restarted_and_the_next_push_commits(launch_api) -> None:
-    api = launch_api("qwen2", tp_size=2)
+@pytest.fixture(scope="module")
+def api(launch_api) -> Api:
+    return launch_api("qwen2", tp_size=2)
+
+
+def test_a_killed_embedded_redis_is_restarted_and_the_next_push_commits(api: Api) -> None:
     first = api.commit(label="before the kill")
     old_pid = _redis_pid(api.data_dir)
     assert old_pid is not None
@@ -73,6 +80,51 @@ def test_a_killed_embedded_redis_is_restarted_and_the_next_push_commits(launch_a
     redis_lines = [line for line in after if "redis" in line.lower()]
     assert len(redis_lines) <= 20, redis_lines
     assert not any("Traceback" in line for line in after), after
+
+
+def test_wait_true_rides_out_a_redis_outage_and_answers_the_final_state(api: Api) -> None:
+    """The update is recorded and waits for the update lock (held by the test) when Redis stops
+    answering (SIGSTOP: no restart, every call times out). The ?wait=true request must not
+    answer 503 meanwhile: once Redis is back the update runs, and the answer is its outcome."""
+    wait_until(api.ranks_ready, timeout_s=60)
+    before = set(api.versions())
+    keys = Keys()
+    answers: list[httpx.Response] = []
+    with connect(_redis_url(api.data_dir)) as client:
+        held = UpdateLock(client, keys, ttl_s=300, owner="test-holds-the-pipeline")
+        held.acquire()
+        try:
+            waiter = threading.Thread(
+                target=lambda: answers.append(api.push(api.checkpoint(), wait=True))
+            )
+            waiter.start()
+            wait_until(lambda: client.llen(keys.update_running) == 1, timeout_s=60)
+            pid = _redis_pid(api.data_dir)
+            assert pid is not None
+            mark = len(api.daemon.log().splitlines())
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                # The daemon says that following the update met the outage: from here on, the
+                # old code had answered 503.
+                wait_until(lambda: any("?wait=true on update" in line and "Redis does not answer"
+                                       in line for line in api.daemon.log().splitlines()[mark:]),
+                           timeout_s=60)  # fmt: skip
+                assert waiter.is_alive() and not answers
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            wait_until(api.ranks_ready, timeout_s=60)
+        finally:
+            held.release()
+        waiter.join(timeout=180)
+    assert not waiter.is_alive()
+    [answer] = answers
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["stage"] == "committed"
+    new = set(api.versions()) - before
+    assert new == {answer.json()["version"]}
+    assert api.active()["active_version"] == answer.json()["version"]
+    after = api.daemon.log().splitlines()[mark:]
+    assert sum("Redis answers again" in line and "?wait=true" in line for line in after) == 1
 
 
 def test_a_redis_that_keeps_dying_makes_serve_exit_non_zero(launch_api) -> None:
