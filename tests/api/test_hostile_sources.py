@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import subprocess
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from orchestrator.rollout.lock import UpdateLock
 from orchestrator.state.keys import Keys
 from orchestrator.state.redis_client import connect
 from orchestrator.state.redis_server import unix_socket_path, unix_url
-from tests.api.conftest import Api
+from tests.api.conftest import TRAINER, Api, refitctl
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
@@ -159,3 +160,22 @@ def test_a_full_disk_under_an_upload_answers_507_and_keeps_nothing(
     response = api.upload(data)
     assert response.status_code == 202, response.text
     api.follow(response.json()["update_id"])
+
+
+def test_refitctl_shows_control_characters_of_a_label_escaped(api: Api) -> None:
+    """A trainer's label reaches the operator's terminal through refitctl: ESC (a colour or a
+    screen clear), CR (overwrite the line), a bidi override must be shown, never obeyed."""
+    label = "step-7\x1b[2J\x1b[31m\r\u202eevil\x07"
+    response = api.push(api.checkpoint(), label=label)
+    assert response.status_code == 202, response.text
+    version = response.json()["version"]
+    api.follow(response.json()["update_id"])
+    assert api.versions()[version]["label"] == label  # stored as sent; escaped when shown
+    escaped = "step-7\\x1b[2J\\x1b[31m\\r\\u202eevil\\x07"
+    listed = refitctl("versions", url=api.url, token=TRAINER)
+    shown = refitctl("show", str(version), url=api.url, token=TRAINER)
+    for result in (listed, shown):
+        assert result.code == 0, result.stderr
+        assert escaped in result.stdout, result.stdout
+        hidden = [c for c in result.stdout if unicodedata.category(c) in ("Cc", "Cf") and c != "\n"]
+        assert hidden == [], hidden
