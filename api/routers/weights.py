@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse
 from api.deps import Admin, Core, Reader, Trainer
 from api.schemas import (
     ActiveState,
-    ErrorBody,
     RollbackRequest,
     RollbackResult,
     UpdateAccepted,
@@ -23,6 +22,7 @@ from api.schemas import (
     VersionDetail,
     VersionList,
     VersionSummary,
+    error_responses,
 )
 from orchestrator.errors import BadRequest, PayloadTooLarge, RedisUnavailable
 from orchestrator.service.updates import UpdateRecord, UpdateStatus
@@ -39,9 +39,7 @@ _WRITE_CHUNK = 8 * 2**20
 # and reading it whole would let a client fill the daemon's memory.
 MAX_JSON_BYTES = 2**20
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422)
-}
+_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 503)
 
 
 def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +82,7 @@ def _status_url(request: Request, update_id: str) -> str:
     "/update",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=UpdateAccepted,
-    responses={200: {"model": UpdateState}, **_ERRORS},
+    responses={200: {"model": UpdateState}, **_ERRORS, **error_responses(507)},
     openapi_extra=_UPDATE_BODY,
 )
 async def post_update(
