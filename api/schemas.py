@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Request bodies: no unknown key, and no coercion (`true` is not version 1, "16" is not 16,
+    # "yes" is not a boolean): a trainer's or operator's mistake is refused, not guessed at.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class PathSource(_Strict):
@@ -114,6 +116,7 @@ _ERROR_DESCRIPTIONS = {
     404: "No such update, version or shard.",
     409: "The request conflicts with the current state (busy, queue full, aborted).",
     413: "The body is over a configured limit.",
+    415: "The body is not declared as JSON (Content-Type: application/json).",
     422: "The input is invalid; the detail says what to fix.",
     503: "Redis does not answer; if an update was recorded, the body names it.",
     507: "The data directory's filesystem is full; nothing was kept.",

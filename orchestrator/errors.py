@@ -42,6 +42,12 @@ class BadRequest(RefitError):
     status_code = 400
 
 
+class UnsupportedMediaType(RefitError):
+    """A body whose Content-Type is not the one the endpoint reads."""
+
+    status_code = 415
+
+
 class InvalidUpdate(RefitError):
     """The update's content is wrong: not safetensors, missing/extra tensors, shapes, NaN/Inf."""
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from api.deps import Admin, Core, Reader, Trainer
 from api.schemas import (
@@ -24,7 +25,12 @@ from api.schemas import (
     VersionSummary,
     error_responses,
 )
-from orchestrator.errors import BadRequest, PayloadTooLarge, RedisUnavailable
+from orchestrator.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RedisUnavailable,
+    UnsupportedMediaType,
+)
 from orchestrator.service.updates import UpdateRecord, UpdateStatus
 from orchestrator.state.redis_client import REDIS_DOWN, OutageLog
 
@@ -40,6 +46,7 @@ _WRITE_CHUNK = 8 * 2**20
 MAX_JSON_BYTES = 2**20
 
 _ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 503)
+_ROLLBACK_ERRORS = {**_ERRORS, **error_responses(415)}
 
 
 def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
@@ -135,10 +142,14 @@ async def _json_bytes(request: Request) -> bytes:
     if declared.isdigit() and int(declared) > MAX_JSON_BYTES:
         raise PayloadTooLarge(f"a JSON body is at most {MAX_JSON_BYTES} bytes, got {declared}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_JSON_BYTES:
-            raise PayloadTooLarge(f"a JSON body is at most {MAX_JSON_BYTES} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_JSON_BYTES:
+                raise PayloadTooLarge(f"a JSON body is at most {MAX_JSON_BYTES} bytes")
+    except ClientDisconnect:
+        log.warning("a client disconnected %d bytes into a JSON body", len(body))
+        raise BadRequest("the client disconnected before the body was complete") from None
     return bytes(body)
 
 
@@ -166,6 +177,12 @@ async def _receive_upload(
                 buffer.clear()
         if buffer:
             await run_in_threadpool(sink.write, bytes(buffer))
+    except ClientDisconnect:
+        sink.discard()
+        # The client's doing, not the daemon's: one line, no traceback. No one reads the answer.
+        log.warning("a client disconnected %d bytes into an upload (of %s declared); nothing "
+                    "was kept", sink.size + len(buffer), declared or "no length")  # fmt: skip
+        raise BadRequest("the client disconnected before the upload was complete") from None
     except BaseException:
         sink.discard()
         raise
@@ -256,11 +273,22 @@ _ROLLBACK_BODY = {
 
 
 @router.post(
-    "/rollback", response_model=RollbackResult, responses=_ERRORS, openapi_extra=_ROLLBACK_BODY
+    "/rollback",
+    response_model=RollbackResult,
+    responses=_ROLLBACK_ERRORS,
+    openapi_extra=_ROLLBACK_BODY,
 )
 async def post_rollback(request: Request, core: Core, _: Admin) -> Any:
     """Roll every rank back, all or none: to `to_version`, or to the previously committed one."""
     raw = (await _json_bytes(request)).strip()
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if raw and content_type != "application/json":
+        # A body that is not declared JSON is not obeyed: a form or a text/plain body can be
+        # sent cross-site without a preflight, a JSON one cannot.
+        raise UnsupportedMediaType(
+            'send the rollback body as JSON ({"to_version": N}) with Content-Type '
+            f"application/json, or no body at all (got {content_type or 'no Content-Type'!r})"
+        )
     body = RollbackRequest.model_validate_json(raw) if raw not in (b"", b"null") else None
     to_version = body.to_version if body else None
     return await run_in_threadpool(core.rollback, to_version)
