@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,27 @@ def resolve_path_source(raw: str, allowed_roots: Iterable[Path]) -> WeightFiles:
     try:
         if not resolved.exists():
             raise SourceNotAllowed(f"source.path {raw!r} does not exist")
-        if resolved.is_file():
+        mode = resolved.stat().st_mode
+        if stat.S_ISREG(mode):
             return WeightFiles((_check_file(resolved),))
+        if not stat.S_ISDIR(mode):
+            raise SourceNotAllowed(
+                f"source.path {raw!r} is {_kind(mode)}, not a .safetensors file or a directory "
+                "of them"
+            )
         return _directory_files(resolved, roots)
     except OSError as exc:  # a name too long, a directory refitd may not list: the caller's input
         raise SourceNotAllowed(f"source.path {raw!r} cannot be read: {exc.strerror}") from None
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
 def _check_file(path: Path) -> Path:
@@ -91,8 +108,7 @@ def _directory_files(directory: Path, roots: list[Path]) -> WeightFiles:
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidUpdate(f"{INDEX_NAME} is not a valid index: {exc}") from None
         if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) and v and "\x00" not in v and "/" not in v
-            for v in weight_map.values()
+            isinstance(v, str) and v and "\x00" not in v for v in weight_map.values()
         ):
             raise InvalidUpdate(
                 f"{INDEX_NAME}: weight_map must map tensor names to file names in its directory"
@@ -100,8 +116,17 @@ def _directory_files(directory: Path, roots: list[Path]) -> WeightFiles:
         files = []
         for name in sorted(set(weight_map.values())):
             f = (directory / name).resolve()
-            if not any(f.is_relative_to(root) for root in roots) or f.parent != directory:
-                raise SourceNotAllowed(f"{INDEX_NAME} names {name!r} outside {directory}")
+            # However it is spelled (a/b, ../x, an absolute path, a link out): one answer.
+            if (
+                "/" in name
+                or name in (".", "..")
+                or f.parent != directory
+                or not any(f.is_relative_to(root) for root in roots)
+            ):
+                raise SourceNotAllowed(
+                    f"{INDEX_NAME} names {name!r}, which is not a file of {directory}; "
+                    "weight_map must map tensor names to file names in the index's directory"
+                )
             if not f.is_file():
                 raise InvalidUpdate(f"{INDEX_NAME} names {name!r}, which does not exist")
             files.append(_check_file(f))
