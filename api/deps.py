@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from orchestrator.service.daemon import Refitd
 
@@ -22,6 +23,13 @@ def get_core(request: Request) -> Refitd:
 
 
 Core = Annotated[Refitd, Depends(get_core)]
+
+# Declares the scheme in the OpenAPI document (so /docs can authorize); the header itself is
+# checked by _caller_roles, whose 401s say what was wrong with it.
+_BEARER = HTTPBearer(
+    auto_error=False,
+    description="The trainer token (updates, reads) or the admin token (rollback, reads).",
+)
 
 
 def _caller_roles(request: Request, core: Refitd) -> set[Role]:
@@ -64,7 +72,11 @@ def _caller_roles(request: Request, core: Refitd) -> set[Role]:
 
 
 def _requires(*allowed: Role) -> Callable[..., Role]:
-    def dependency(request: Request, core: Core) -> Role:
+    def dependency(
+        request: Request,
+        core: Core,
+        _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    ) -> Role:
         roles = _caller_roles(request, core)
         for role in allowed:
             if role in roles:

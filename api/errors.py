@@ -31,7 +31,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _refit_error(_: Request, exc: RefitError) -> JSONResponse:
         if exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
-        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
+        return JSONResponse(
+            status_code=exc.status_code, content={"detail": exc.message, **exc.extra}
+        )
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)

@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Request bodies: no unknown key, and no coercion (`true` is not version 1, "16" is not 16,
+    # "yes" is not a boolean): a trainer's or operator's mistake is refused, not guessed at.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class PathSource(_Strict):
@@ -100,4 +102,27 @@ class RollbackResult(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Every error: a sentence that says what was wrong (and, where an update was recorded
+    before the error, its `update_id` and `version`)."""
+
+    model_config = ConfigDict(extra="allow")
     detail: str
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "The request is malformed.",
+    401: "No bearer token, or not a valid one.",
+    403: "The token's role may not do this.",
+    404: "No such update, version or shard.",
+    409: "The request conflicts with the current state (busy, queue full, aborted).",
+    413: "The body is over a configured limit.",
+    415: "The body is not declared as JSON (Content-Type: application/json).",
+    422: "The input is invalid; the detail says what to fix.",
+    503: "Redis does not answer; if an update was recorded, the body names it.",
+    507: "The data directory's filesystem is full; nothing was kept.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` entries of these error codes, each an ErrorBody."""
+    return {code: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}

@@ -8,10 +8,11 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -70,6 +71,8 @@ def serve(config: ConfigOption = None, log_level: str = "INFO") -> None:
     setup_logging(log_level)
     settings = _settings(config)
     lock_fd = _lock_data_dir(settings)
+    # Bound before anything starts: a port in use is one line, and no Redis or rank is started.
+    listener = _bind(settings.server.host, settings.server.port)
     import uvicorn
 
     from orchestrator.service.daemon import Refitd
@@ -77,10 +80,20 @@ def serve(config: ConfigOption = None, log_level: str = "INFO") -> None:
     _Server = _server_class()
 
     core = Refitd(settings)
+    servers: list[Any] = []
+
+    def _fatal(reason: str) -> None:
+        # From the Redis watchdog's thread: the server exits as on SIGTERM, and then refitd
+        # exits non-zero below, for a supervisor (systemd, docker) to restart it.
+        for running in servers:
+            running.should_exit = True
+
+    core.on_fatal = _fatal
     try:
         core.start()
     except RefitError as exc:
         core.stop()
+        listener.close()
         fail(exc.message)
     try:
         # orchestrator/ must not import api/ (layering); the app is looked up by name instead.
@@ -93,12 +106,19 @@ def serve(config: ConfigOption = None, log_level: str = "INFO") -> None:
             timeout_graceful_shutdown=10,
         )
         server = _Server(uvicorn_config)
-        server.run()
-        if not server.started:
-            fail(f"could not listen on {settings.server.host}:{settings.server.port}")
+        servers.append(server)
+        if core.fatal is not None:
+            server.should_exit = True
+        server.run(sockets=[listener])
     finally:
         core.stop()
+        listener.close()
         os.close(lock_fd)
+    # After the stop, so that this line is the last one a supervisor's log shows.
+    if core.fatal is not None:
+        fail(core.fatal, code=1)
+    if not server.started:
+        fail(f"could not listen on {settings.server.host}:{settings.server.port}")
 
 
 @app.command()
@@ -118,6 +138,25 @@ def rank(
         run_rank_agent(settings, rank)
     except RefitError as exc:
         fail(exc.message)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (uvicorn listens on it), or one clear line and exit."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    try:
+        # As uvicorn does: a restarted daemon need not wait for its old connections' TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    return sock
 
 
 def _server_class() -> type:

@@ -14,6 +14,8 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 
+from orchestrator.text import printable
+
 DEFAULT_URL = "http://127.0.0.1:8470"
 
 app = typer.Typer(
@@ -51,7 +53,7 @@ def _detail(response: httpx.Response) -> str:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"refitctl: error: {message}", err=True)
+    typer.echo(f"refitctl: error: {printable(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -79,6 +81,7 @@ def _when(ts: float | None) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]  # fmt: skip
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
@@ -95,7 +98,8 @@ def status(ctx: typer.Context) -> None:
     active = c.request("GET", "/weights/active")
     ready = c.request("GET", "/readyz", ok=(200, 503))
     typer.echo(f"active version: {active['active_version'] or 'none'}")
-    typer.echo(f"ready:          {'yes' if ready['ready'] else 'no'} ({ready['reason']})")
+    reason = printable(ready["reason"])
+    typer.echo(f"ready:          {'yes' if ready['ready'] else 'no'} ({reason})")
     rows = [
         [str(r["rank"]), str(r.get("version") or "-"), str(r.get("state") or "-"),
          "yes" if r.get("alive") else "no", (r.get("digest") or "-")[:12]]
@@ -125,9 +129,9 @@ def show(ctx: typer.Context, version: int) -> None:
     """One version: status, times, quantization report, verification metrics, per-rank states."""
     c: _Ctx = ctx.obj
     v = c.request("GET", f"/weights/versions/{version}")
-    typer.echo(f"version {v['version']}: {v['status']}   label: {v['label'] or '-'}")
+    typer.echo(f"version {v['version']}: {v['status']}   label: {printable(v['label'] or '-')}")
     if v.get("reason"):
-        typer.echo(f"reason: {v['reason']}")
+        typer.echo(f"reason: {printable(v['reason'])}")
     for name, ts in sorted(v["times"].items(), key=lambda kv: kv[1]):
         typer.echo(f"  {name:<12} {_when(ts)}")
     report = v.get("quantization") or []
@@ -138,7 +142,7 @@ def show(ctx: typer.Context, version: int) -> None:
         typer.echo("quantization: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
         for t in report:
             if t["scheme"] == "per_channel":
-                typer.echo(f"  per_channel {t['name']} {t['shape']}: {t.get('reason')}")
+                typer.echo(printable(f"  per_channel {t['name']} {t['shape']}: {t.get('reason')}"))
     ver = v.get("verification")
     if ver:
         typer.echo(
@@ -147,7 +151,7 @@ def show(ctx: typer.Context, version: int) -> None:
         for key, value in ver["metrics"].items():
             typer.echo(f"  {key:<20} {value}")
         if ver.get("reason"):
-            typer.echo(f"  reason: {ver['reason']}")
+            typer.echo(f"  reason: {printable(ver['reason'])}")
     if v.get("ranks"):
         typer.echo("")
         _table(["rank", "state", "digest"],
@@ -175,9 +179,13 @@ def rollback(
 def health(ctx: typer.Context) -> None:
     """Liveness and readiness; exit 1 when not ready."""
     c: _Ctx = ctx.obj
-    c.request("GET", "/healthz")
+    live = c.request("GET", "/healthz", ok=(200, 503))
+    if live["status"] != "ok":
+        typer.echo(f"live: no ({printable(str(live.get('reason')))})\nready: no")
+        raise typer.Exit(1)
     ready = c.request("GET", "/readyz", ok=(200, 503))
-    typer.echo(f"live: yes\nready: {'yes' if ready['ready'] else 'no'} ({ready['reason']})")
+    reason = printable(ready["reason"])
+    typer.echo(f"live: yes\nready: {'yes' if ready['ready'] else 'no'} ({reason})")
     if not ready["ready"]:
         raise typer.Exit(1)
 
@@ -245,7 +253,7 @@ def _follow(c: _Ctx, update_id: str, timeout_s: float) -> dict[str, Any]:
             state = c.request("GET", f"/weights/updates/{update_id}")
             if state["stage"] != stage:
                 stage = state["stage"]
-                bar.label = stage.ljust(12)
+                bar.label = printable(stage).ljust(12)
             target = int(state["progress"] * 100)
             if target > shown:
                 bar.update(target - shown)

@@ -6,15 +6,19 @@ have the service's dependencies.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RefitError(Exception):
     """Base of every error refitd raises on purpose. `status_code` is what the API answers."""
 
     status_code = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
+        # Fields the API adds to its {"detail": message} answer (e.g. an update's id).
+        self.extra = extra
 
 
 class ConfigError(RefitError):
@@ -27,10 +31,21 @@ class RedisUnavailable(RefitError):
     status_code = 503
 
 
+class UpdateOutcomeUnknown(RedisUnavailable):
+    """Redis stopped answering while an update was being recorded: whether it was is known only
+    once Redis answers again. The answer carries the update's id, to look it up then."""
+
+
 class BadRequest(RefitError):
     """The request itself is malformed."""
 
     status_code = 400
+
+
+class UnsupportedMediaType(RefitError):
+    """A body whose Content-Type is not the one the endpoint reads."""
+
+    status_code = 415
 
 
 class InvalidUpdate(RefitError):
@@ -49,6 +64,19 @@ class PayloadTooLarge(RefitError):
     """An upload over the configured maximum size or tensor count."""
 
     status_code = 413
+
+
+class InsufficientStorage(RefitError):
+    """The filesystem of the data directory is full (ENOSPC, EDQUOT): nothing was kept."""
+
+    status_code = 507
+
+
+class StorageUnavailable(RefitError):
+    """The data directory cannot be written (an I/O error, a read-only filesystem, permissions):
+    nothing was kept."""
+
+    status_code = 503
 
 
 class NotFound(RefitError):

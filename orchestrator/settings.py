@@ -44,6 +44,10 @@ class RedisSettings(_Section):
     conf: Path = REPO_ROOT / "configs" / "redis.conf"
     key_prefix: str = Field("refitd", pattern=r"^[A-Za-z0-9_.-]+$")
     start_timeout_s: float = Field(10.0, gt=0)
+    # The embedded server is restarted when it dies, up to max_restarts times in
+    # restart_window_s; one more death in that window and `refitd serve` exits non-zero.
+    max_restarts: int = Field(5, ge=0)
+    restart_window_s: float = Field(60.0, gt=0)
 
 
 class AuthSettings(_Section):

@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from api.deps import Core, Reader
+from api.schemas import error_responses
 from orchestrator.errors import NotFound
 
 router = APIRouter(tags=["artifacts"])
@@ -20,7 +21,14 @@ class ShardResponse(FileResponse):
 @router.get(
     "/artifacts/{version}/{rank}",
     response_class=ShardResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 404: {}},
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            }
+        },
+        **error_responses(401, 403, 404, 422, 503),
+    },
 )
 async def get_shard(version: int, rank: int, core: Core, _: Reader) -> ShardResponse:
     """Stream rank `rank`'s safetensors shard of `version`. Needs the trainer or admin token.

@@ -13,7 +13,8 @@ router = APIRouter(tags=["health"])
 
 
 class Health(BaseModel):
-    status: str
+    status: str  # "ok" or "unavailable"
+    reason: str | None = None
 
 
 class Ready(BaseModel):
@@ -21,10 +22,17 @@ class Ready(BaseModel):
     reason: str
 
 
-@router.get("/healthz", response_model=Health)
-async def healthz() -> Health:
-    """The process lives and serves HTTP."""
-    return Health(status="ok")
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+async def healthz(core: Core) -> JSONResponse:
+    """200 while the daemon can work (it serves HTTP and its Redis answers); else 503 with the
+    reason, e.g. while its embedded Redis restarts, or once it has given up on it."""
+    state = await run_in_threadpool(core.liveness)
+    if state.ready:
+        return JSONResponse(
+            status_code=200, content=Health(status="ok").model_dump(exclude_none=True)
+        )
+    body = Health(status="unavailable", reason=state.reason).model_dump()
+    return JSONResponse(status_code=503, content=body)
 
 
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})

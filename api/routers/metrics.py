@@ -8,11 +8,19 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import Core, Reader
+from api.schemas import error_responses
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
+        **error_responses(401, 403, 503),
+    },
+)
 async def metrics(core: Core, _: Reader) -> Response:
     """Update durations per stage, outcomes, per-channel fallbacks, active version, live ranks."""
     await run_in_threadpool(core.refresh_metrics)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from api.deps import Admin, Core, Reader, Trainer
 from api.schemas import (
     ActiveState,
-    ErrorBody,
     RollbackRequest,
     RollbackResult,
     UpdateAccepted,
@@ -22,11 +23,20 @@ from api.schemas import (
     VersionDetail,
     VersionList,
     VersionSummary,
+    error_responses,
 )
-from orchestrator.errors import BadRequest, PayloadTooLarge
+from orchestrator.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RedisUnavailable,
+    UnsupportedMediaType,
+)
 from orchestrator.service.updates import UpdateRecord, UpdateStatus
+from orchestrator.state.redis_client import REDIS_DOWN, OutageLog
 
 router = APIRouter(prefix="/weights", tags=["weights"])
+log = logging.getLogger("refitd.api")
+_REDIS_DOWN: tuple[type[BaseException], ...] = (RedisUnavailable, *REDIS_DOWN)
 
 UPLOAD_TYPES = ("application/octet-stream", "application/x-safetensors")
 # Uploads are written to disk in chunks of this size, off the event loop.
@@ -35,9 +45,8 @@ _WRITE_CHUNK = 8 * 2**20
 # and reading it whole would let a client fill the daemon's memory.
 MAX_JSON_BYTES = 2**20
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422)
-}
+_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 503)
+_ROLLBACK_ERRORS = {**_ERRORS, **error_responses(415)}
 
 
 def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +89,7 @@ def _status_url(request: Request, update_id: str) -> str:
     "/update",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=UpdateAccepted,
-    responses={200: {"model": UpdateState}, **_ERRORS},
+    responses={200: {"model": UpdateState}, **_ERRORS, **error_responses(507)},
     openapi_extra=_UPDATE_BODY,
 )
 async def post_update(
@@ -133,10 +142,14 @@ async def _json_bytes(request: Request) -> bytes:
     if declared.isdigit() and int(declared) > MAX_JSON_BYTES:
         raise PayloadTooLarge(f"a JSON body is at most {MAX_JSON_BYTES} bytes, got {declared}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_JSON_BYTES:
-            raise PayloadTooLarge(f"a JSON body is at most {MAX_JSON_BYTES} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_JSON_BYTES:
+                raise PayloadTooLarge(f"a JSON body is at most {MAX_JSON_BYTES} bytes")
+    except ClientDisconnect:
+        log.warning("a client disconnected %d bytes into a JSON body", len(body))
+        raise BadRequest("the client disconnected before the body was complete") from None
     return bytes(body)
 
 
@@ -164,6 +177,12 @@ async def _receive_upload(
                 buffer.clear()
         if buffer:
             await run_in_threadpool(sink.write, bytes(buffer))
+    except ClientDisconnect:
+        sink.discard()
+        # The client's doing, not the daemon's: one line, no traceback. No one reads the answer.
+        log.warning("a client disconnected %d bytes into an upload (of %s declared); nothing "
+                    "was kept", sink.size + len(buffer), declared or "no length")  # fmt: skip
+        raise BadRequest("the client disconnected before the upload was complete") from None
     except BaseException:
         sink.discard()
         raise
@@ -178,10 +197,26 @@ async def _receive_upload(
 
 
 async def _wait_final(request: Request, core: Core, record: UpdateRecord) -> JSONResponse:
+    """The update's final state, polled until limits.request_timeout_s. The update is recorded:
+    a Redis that stops answering meanwhile is waited out (the update runs once it is back), and
+    if it is still down at the deadline the answer says which update to follow, so that the
+    trainer does not send it again."""
     deadline = time.monotonic() + core.settings.limits.request_timeout_s
+    outage = OutageLog(log, f"?wait=true on update {record.update_id}")
     while not record.final and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-        record = await run_in_threadpool(core.pipeline.queue.get, record.update_id)
+        try:
+            record = await run_in_threadpool(core.pipeline.queue.get, record.update_id)
+        except _REDIS_DOWN as exc:
+            outage.failed(exc)
+            continue
+        outage.recovered()
+    if outage.down:
+        detail = (f"Redis does not answer, so update {record.update_id} (version "
+                  f"{record.version}, recorded) cannot be followed now; it runs once Redis is "
+                  "back: follow it at status_url, and do not send it again")  # fmt: skip
+        body = {"detail": detail, **_state(request, record).model_dump()}
+        return JSONResponse(status_code=503, content=body)
     body = _state(request, record).model_dump()
     if not record.final:
         return JSONResponse(status_code=202, content=body)
@@ -238,11 +273,22 @@ _ROLLBACK_BODY = {
 
 
 @router.post(
-    "/rollback", response_model=RollbackResult, responses=_ERRORS, openapi_extra=_ROLLBACK_BODY
+    "/rollback",
+    response_model=RollbackResult,
+    responses=_ROLLBACK_ERRORS,
+    openapi_extra=_ROLLBACK_BODY,
 )
 async def post_rollback(request: Request, core: Core, _: Admin) -> Any:
     """Roll every rank back, all or none: to `to_version`, or to the previously committed one."""
     raw = (await _json_bytes(request)).strip()
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if raw and content_type != "application/json":
+        # A body that is not declared JSON is not obeyed: a form or a text/plain body can be
+        # sent cross-site without a preflight, a JSON one cannot.
+        raise UnsupportedMediaType(
+            'send the rollback body as JSON ({"to_version": N}) with Content-Type '
+            f"application/json, or no body at all (got {content_type or 'no Content-Type'!r})"
+        )
     body = RollbackRequest.model_validate_json(raw) if raw not in (b"", b"null") else None
     to_version = body.to_version if body else None
     return await run_in_threadpool(core.rollback, to_version)

@@ -466,6 +466,12 @@ def _open_source(path: Path, max_header_bytes: int) -> _OpenSource:
         raise
 
 
+def validate_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+    """Validate one file's header as `read_safetensors` does (JSON, dtypes, offsets, no name
+    twice), reading no tensor data; raises InvalidUpdate."""
+    os.close(_open_source(path, max_header_bytes).fd)
+
+
 def _typed(
     buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]
 ) -> torch.Tensor:

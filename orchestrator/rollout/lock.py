@@ -149,6 +149,7 @@ class UpdateLock:
         wait = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + (wait or 0.0)
         script = self._scripts[ACQUIRE]
+        outage = OutageLog(log, f"waiting for the update lock ({self.owner})")
         while True:
             try:
                 (fence,) = script(
@@ -157,9 +158,19 @@ class UpdateLock:
                 )
                 break
             except LockHeld:
+                outage.recovered()
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(_POLL_S)
+            except REDIS_DOWN as exc:
+                # A Redis that stops answering while we wait our turn is waited out like a busy
+                # lock (an acknowledged update must not fail for it). Had the lost call taken
+                # the lock, it is held in our name until its TTL, then taken again.
+                outage.failed(exc)
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(_POLL_S)
+        outage.recovered()
         self.fence = int(fence)
         self._stop.clear()
         self._keeper = threading.Thread(

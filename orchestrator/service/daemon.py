@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,10 @@ class Refitd:
         self.metrics.tp_size.set(settings.ranks.tp_size)
         self.model: ModelSpec | None = None
         self._pipeline: UpdatePipeline | None = None
+        # Set when the daemon cannot go on (its embedded Redis keeps dying): /healthz says so,
+        # and `on_fatal` (set by `refitd serve`) makes the server exit non-zero.
+        self.fatal: str | None = None
+        self.on_fatal: Callable[[str], None] | None = None
 
     # Lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -83,6 +88,11 @@ class Refitd:
                 start_timeout_s=self.settings.redis.start_timeout_s,
             )
             self.redis_url = self.embedded.start()
+            self.embedded.watch(
+                max_restarts=self.settings.redis.max_restarts,
+                window_s=self.settings.redis.restart_window_s,
+                on_give_up=self._give_up,
+            )
         self._redis = connect(self.redis_url, wait_s=self.settings.redis.start_timeout_s)
         log.info("redis at %s (%s)", redact(self.redis_url),
                  "embedded" if self.embedded else "external")  # fmt: skip
@@ -116,6 +126,11 @@ class Refitd:
             self.supervisor = Supervisor(self.settings, redis_url=self.redis_url)
             self.supervisor.start()
         self._pipeline.start()
+
+    def _give_up(self, reason: str) -> None:
+        self.fatal = reason
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     def _check_model(self, model: ModelSpec) -> None:
         """Refuse at start what would make every update fail: a TP size the model cannot be
@@ -218,6 +233,15 @@ class Refitd:
         )
 
     # Health ------------------------------------------------------------------------------
+    def liveness(self) -> Readiness:
+        """Whether this daemon can work at all: it has not given up, and Redis answers. (Ranks
+        and stuck updates are readiness's business: a daemon can still roll back past them.)"""
+        if self.fatal is not None:
+            return Readiness(False, self.fatal)
+        if not self.redis_alive():
+            return Readiness(False, f"redis at {redact(self.redis_url)} does not answer")
+        return Readiness(True, "ok")
+
     def redis_alive(self) -> bool:
         try:
             return bool(self.redis.ping())

@@ -3,19 +3,31 @@ an upload streamed to disk. Safetensors only: nothing is ever unpickled."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from kernels.finite import find_non_finite
+from orchestrator.data import files as safetensors_files
 from orchestrator.data.files import open_regular
-from orchestrator.errors import InvalidUpdate, PayloadTooLarge, SourceNotAllowed
+from orchestrator.errors import (
+    InsufficientStorage,
+    InvalidUpdate,
+    PayloadTooLarge,
+    RefitError,
+    SourceNotAllowed,
+    StorageUnavailable,
+)
 from orchestrator.model.structure import compare
 from orchestrator.state.artifacts import fsync_dir
 from orchestrator.text import some
@@ -54,11 +66,27 @@ def resolve_path_source(raw: str, allowed_roots: Iterable[Path]) -> WeightFiles:
     try:
         if not resolved.exists():
             raise SourceNotAllowed(f"source.path {raw!r} does not exist")
-        if resolved.is_file():
+        mode = resolved.stat().st_mode
+        if stat.S_ISREG(mode):
             return WeightFiles((_check_file(resolved),))
+        if not stat.S_ISDIR(mode):
+            raise SourceNotAllowed(
+                f"source.path {raw!r} is {_kind(mode)}, not a .safetensors file or a directory "
+                "of them"
+            )
         return _directory_files(resolved, roots)
     except OSError as exc:  # a name too long, a directory refitd may not list: the caller's input
         raise SourceNotAllowed(f"source.path {raw!r} cannot be read: {exc.strerror}") from None
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
 def _check_file(path: Path) -> Path:
@@ -80,8 +108,7 @@ def _directory_files(directory: Path, roots: list[Path]) -> WeightFiles:
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidUpdate(f"{INDEX_NAME} is not a valid index: {exc}") from None
         if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) and v and "\x00" not in v and "/" not in v
-            for v in weight_map.values()
+            isinstance(v, str) and v and "\x00" not in v for v in weight_map.values()
         ):
             raise InvalidUpdate(
                 f"{INDEX_NAME}: weight_map must map tensor names to file names in its directory"
@@ -89,8 +116,17 @@ def _directory_files(directory: Path, roots: list[Path]) -> WeightFiles:
         files = []
         for name in sorted(set(weight_map.values())):
             f = (directory / name).resolve()
-            if not any(f.is_relative_to(root) for root in roots) or f.parent != directory:
-                raise SourceNotAllowed(f"{INDEX_NAME} names {name!r} outside {directory}")
+            # However it is spelled (a/b, ../x, an absolute path, a link out): one answer.
+            if (
+                "/" in name
+                or name in (".", "..")
+                or f.parent != directory
+                or not any(f.is_relative_to(root) for root in roots)
+            ):
+                raise SourceNotAllowed(
+                    f"{INDEX_NAME} names {name!r}, which is not a file of {directory}; "
+                    "weight_map must map tensor names to file names in the index's directory"
+                )
             if not f.is_file():
                 raise InvalidUpdate(f"{INDEX_NAME} names {name!r}, which does not exist")
             files.append(_check_file(f))
@@ -139,6 +175,9 @@ def inspect_files(source: WeightFiles, *, max_tensors: int) -> dict[str, tuple[s
             raise InvalidUpdate(f"{path.name} is not a valid safetensors file: {exc}") from None
         except OSError as exc:
             raise InvalidUpdate(f"{path.name} cannot be read: {exc}") from None
+        # safetensors keeps the last of two entries with one name (a JSON object read into a
+        # map); the pipeline's own reader refuses them, and the door must refuse what it would.
+        safetensors_files.validate_header(path)
     if not found:
         raise InvalidUpdate("the update holds no tensors")
     return found
@@ -166,17 +205,38 @@ def load_tensors(source: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
             raise InvalidUpdate(f"{path.name} is not a valid safetensors file: {exc}") from None
 
 
+def storage_error(exc: OSError, what: str) -> RefitError:
+    """What the API answers when writing `what` under the data directory failed: 507 when its
+    filesystem is full, 503 for any other I/O error (the request may be sent again later)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage(
+            f"the data directory's filesystem is full ({reason}) while storing {what}; nothing "
+            "was kept: free space there, or send a path source instead of an upload"
+        )
+    return StorageUnavailable(
+        f"the data directory cannot be written ({reason}) while storing {what}; nothing was "
+        "kept: send it again once the data directory is writable"
+    )
+
+
 class UploadSink:
-    """Streams an upload to a file under the data directory, hashing as it goes, within a limit."""
+    """Streams an upload to a file under the data directory, hashing as it goes, within a limit.
+    An I/O error (a full disk) removes what was written and raises `storage_error`'s answer."""
 
     def __init__(self, directory: Path, name: str, *, max_bytes: int) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"{name}.safetensors"
         self._partial = directory / f".{name}.partial"
-        self._file = self._partial.open("wb")
         self._hash = hashlib.sha256()
         self._max = max_bytes
         self.size = 0
+        self._file: BinaryIO | None = None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._file = self._partial.open("wb")
+        except OSError as exc:
+            self.discard()
+            raise storage_error(exc, f"an upload in {directory}") from None
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -186,25 +246,42 @@ class UploadSink:
                 f"the upload exceeds limits.max_upload_bytes={self._max} bytes; "
                 "put the files under an allowed root and send a path source instead"
             )
+        assert self._file is not None, "write() after discard()"
         self._hash.update(chunk)
-        self._file.write(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as exc:
+            self.discard()
+            raise storage_error(exc, f"an upload of {self.size} bytes") from None
 
     def finish(self) -> str:
         """fsync, move into place, and return the sha256 of the bytes."""
         if self.size == 0:
             self.discard()
             raise InvalidUpdate("the upload is empty; send the bytes of a .safetensors file")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._partial.replace(self.path)
-        fsync_dir(self.path.parent)  # the 202 promises the bytes survive a crash
+        assert self._file is not None, "finish() after discard()"
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._partial.replace(self.path)
+            fsync_dir(self.path.parent)  # the 202 promises the bytes survive a crash
+        except OSError as exc:
+            self.discard()
+            self.path.unlink(missing_ok=True)
+            raise storage_error(exc, f"an upload of {self.size} bytes") from None
         return self._hash.hexdigest()
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self._partial.unlink(missing_ok=True)
+        """Remove what was written; safe to call more than once, and after a failed write."""
+        file, self._file = self._file, None
+        if file is not None and not file.closed:
+            # Closing flushes what is buffered, which fails again on a full disk: the
+            # descriptor is closed either way, and the bytes are being thrown away.
+            with contextlib.suppress(OSError):
+                file.close()
+        with contextlib.suppress(OSError):
+            self._partial.unlink(missing_ok=True)
 
 
 # safetensors' dtype names of the float formats an update may carry.

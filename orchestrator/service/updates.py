@@ -17,13 +17,23 @@ from typing import Any
 
 import redis
 
-from orchestrator.errors import Conflict, IdempotencyMismatch, NotFound
+from orchestrator.errors import (
+    Conflict,
+    IdempotencyMismatch,
+    NotFound,
+    RedisUnavailable,
+    UpdateOutcomeUnknown,
+)
 from orchestrator.state.keys import Keys
+from orchestrator.state.redis_client import REDIS_DOWN
 from orchestrator.state.versions import VersionStore
 
 # An Idempotency-Key is remembered this long (a trainer retrying after a network error retries
 # within minutes; a day leaves room for a stalled job).
 IDEMPOTENCY_TTL_S = 24 * 3600
+# A transaction whose reply never came: the connection dropped (the WatchError is redis-py's
+# way of saying so for a watched transaction) or timed out.
+_REPLY_LOST: tuple[type[BaseException], ...] = (redis.WatchError, *REDIS_DOWN)
 
 
 class UpdateStatus(StrEnum):
@@ -151,32 +161,62 @@ class UpdateQueue:
             update_id = update_id or uuid.uuid4().hex
             version = self._versions.allocate()
             now = time.time()
-            pipe = self._r.pipeline(transaction=True)
-            self._versions.add_received(pipe, version, label=label, update_id=update_id, now=now)
-            pipe.hset(
-                self._keys.update(update_id),
-                mapping={
-                    "update_id": update_id,
-                    "version": version,
-                    "status": UpdateStatus.QUEUED.value,
-                    "stage": Stage.QUEUED.value,
-                    "progress": "0",
-                    "label": label or "",
-                    "verify": "1" if verify else "0",
-                    "source": json.dumps(source),
-                    "created_at": repr(now),
-                },
-            )
-            pipe.zadd(self._keys.update_index, {update_id: now})
-            if idempotency_key is not None:
-                pipe.hset(
-                    self._keys.idempotency(idempotency_key),
-                    mapping={"digest": body_digest, "update_id": update_id},
+            record = {
+                "update_id": update_id,
+                "version": str(version),
+                "status": UpdateStatus.QUEUED.value,
+                "stage": Stage.QUEUED.value,
+                "progress": "0",
+                "label": label or "",
+                "verify": "1" if verify else "0",
+                "source": json.dumps(source),
+                "created_at": repr(now),
+            }
+            with self._r.pipeline(transaction=True) as pipe:
+                # Watching a key makes redis-py raise, instead of sending the transaction again,
+                # when the connection drops during EXEC: it cannot know whether EXEC ran, and a
+                # second run would queue the update twice.
+                pipe.watch(self._keys.update(update_id))
+                pipe.multi()
+                self._versions.add_received(
+                    pipe, version, label=label, update_id=update_id, now=now
                 )
-                pipe.expire(self._keys.idempotency(idempotency_key), IDEMPOTENCY_TTL_S)
-            pipe.rpush(self._keys.update_queue, update_id)
-            pipe.execute()
-            return self.get(update_id), True
+                pipe.hset(self._keys.update(update_id), mapping={k: v for k, v in record.items()})
+                pipe.zadd(self._keys.update_index, {update_id: now})
+                if idempotency_key is not None:
+                    pipe.hset(
+                        self._keys.idempotency(idempotency_key),
+                        mapping={"digest": body_digest, "update_id": update_id},
+                    )
+                    pipe.expire(self._keys.idempotency(idempotency_key), IDEMPOTENCY_TTL_S)
+                pipe.rpush(self._keys.update_queue, update_id)
+                try:
+                    pipe.execute()
+                except _REPLY_LOST:
+                    return self._after_lost_reply(update_id, version), True
+            # Built here, not read back: the write is acknowledged, and a read could fail.
+            return UpdateRecord.from_hash(record), True
+
+    def _after_lost_reply(self, update_id: str, version: int) -> UpdateRecord:
+        """The connection dropped while the update's transaction ran: it was recorded or not.
+        Asks Redis which (the record, or RedisUnavailable); UpdateOutcomeUnknown if it still
+        does not answer."""
+        try:
+            raw = self._r.hgetall(self._keys.update(update_id))
+        except REDIS_DOWN:
+            raise UpdateOutcomeUnknown(
+                f"Redis stopped answering while update {update_id} was being recorded (as "
+                f"version {version}); once it answers, GET /weights/updates/{update_id}: a 404 "
+                "means it was not recorded (send it again), anything else that it was (do not)",
+                update_id=update_id,
+                version=version,
+            ) from None
+        if raw:
+            return UpdateRecord.from_hash(raw)
+        raise RedisUnavailable(
+            f"Redis stopped answering while the update was being recorded, and it was not "
+            f"recorded (version {version} is skipped); send it again"
+        )
 
     def lookup_idempotent(self, idempotency_key: str, body_digest: str) -> UpdateRecord | None:
         """The update first made with this key and body, None for a new key; IdempotencyMismatch

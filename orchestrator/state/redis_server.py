@@ -5,6 +5,11 @@ the same data directory finds every key the first one wrote. It listens on a uni
 (`<data_dir>/redis/redis.sock`, mode 0700, TCP off): no port to race for, nothing on the network;
 rank agents on this host reach it by its `unix://` URL. A password generated once and kept (mode
 0600) beside the data guards it as well.
+
+A server that dies (killed, or exiting by itself) is restarted by a watchdog thread on the same
+socket with the same password, so every client (the daemon's, the rank agents') reconnects to the
+same URL and finds the state its AOF kept. A server that keeps dying is given up on, and the
+daemon exits non-zero for its supervisor to act.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 import time
 import urllib.parse
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.errors import ConfigError, RedisUnavailable
@@ -33,6 +41,9 @@ _MAX_SOCKET_PATH = 103
 # Where a socket goes when its directory's path is too long. /tmp itself, not $TMPDIR: the point
 # is a short path, and $TMPDIR may be as long as the data directory.
 _SHORT_SOCKET_ROOT = Path("/tmp")
+# How often the watchdog looks whether the server still runs: a dead Redis is noticed within
+# this, well inside the clients' own retries of a dropped connection (redis_client.RETRIES).
+_WATCH_INTERVAL_S = 0.1
 
 
 def unix_socket_path(directory: Path, name: str = "redis.sock") -> Path:
@@ -77,6 +88,9 @@ class EmbeddedRedis:
         self.start_timeout_s = start_timeout_s
         self.socket: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.restarts = 0
 
     @property
     def pidfile(self) -> Path:
@@ -145,7 +159,7 @@ class EmbeddedRedis:
                 break
             except RedisUnavailable:
                 if time.monotonic() > deadline:
-                    self.stop()
+                    self._terminate()
                     raise RedisUnavailable(
                         f"embedded redis-server did not answer within {self.start_timeout_s}s "
                         f"(log: {self.logfile})"
@@ -155,8 +169,65 @@ class EmbeddedRedis:
                  self._proc.pid, self.socket, self.dir)  # fmt: skip
         return self.url
 
+    def watch(
+        self, *, max_restarts: int, window_s: float, on_give_up: Callable[[str], None]
+    ) -> None:
+        """Restart the server whenever it dies, from a watchdog thread, up to `max_restarts`
+        times in `window_s` seconds; past that, call `on_give_up(reason)` once and stop watching.
+
+        A restarted server is started by the watchdog thread, and gets its death signal when that
+        thread ends (children.py): `stop()` ends the thread and then stops the server."""
+        self._watch_stop.clear()
+        self._watcher = threading.Thread(
+            target=self._watch,
+            args=(max_restarts, window_s, on_give_up),
+            name="redis-watchdog",
+            daemon=True,
+        )
+        self._watcher.start()
+
+    def _watch(self, max_restarts: int, window_s: float, on_give_up: Callable[[str], None]) -> None:
+        deaths: deque[float] = deque()
+        while not self._watch_stop.wait(_WATCH_INTERVAL_S):
+            proc = self._proc
+            if proc is not None and proc.poll() is None:
+                continue
+            now = time.monotonic()
+            while deaths and now - deaths[0] > window_s:
+                deaths.popleft()
+            cause = _exit_cause(proc.returncode) if proc is not None else "did not start"
+            if proc is not None and proc.stderr is not None:
+                proc.stderr.close()
+            if len(deaths) >= max_restarts:
+                reason = (f"embedded redis-server {cause}, after {len(deaths)} restarts in "
+                          f"{window_s:g}s; giving up (log: {self.logfile}: "
+                          f"{_tail(self.logfile)})")  # fmt: skip
+                log.error("%s", reason)
+                on_give_up(reason)
+                return
+            deaths.append(now)
+            pid = proc.pid if proc is not None else None
+            log.warning("embedded redis-server (pid %s) %s; restarting it from its AOF",
+                        pid, cause)  # fmt: skip
+            try:
+                self.start()
+            except (RedisUnavailable, ConfigError, OSError) as exc:
+                log.error("embedded redis-server did not restart: %s", exc)
+                continue
+            self.restarts += 1
+            log.info("embedded redis-server is back after %.1fs (restart %d)",
+                     time.monotonic() - now, self.restarts)  # fmt: skip
+
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM (Redis fsyncs the AOF and exits), then SIGKILL if it does not."""
+        """End the watchdog, then SIGTERM the server (Redis fsyncs the AOF and exits), and
+        SIGKILL it if it does not exit."""
+        self._watch_stop.set()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join()
+        self._terminate(timeout_s)
+
+    def _terminate(self, timeout_s: float = 10.0) -> None:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -197,6 +268,17 @@ def _is_redis(pid: int) -> bool:
     except OSError:
         return False
     return b"redis-server" in cmdline
+
+
+def _exit_cause(returncode: int | None) -> str:
+    if returncode is None:
+        return "runs"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
 
 
 def _tail(path: Path, lines: int = 3) -> str:

@@ -401,6 +401,13 @@ CASES: dict[str, tuple[Callable[[Api, Path], httpx.Response], int, str]] = {
         lambda a, e: _json(a, {"source": {"type": "path", "path": _valid_path(a)},
                                "verify": "perhaps"}),
         422, "invalid request: verify: Input should be a valid boolean"),
+    "verify as the string 'true' (no coercion)": (
+        lambda a, e: _json(a, {"source": {"type": "path", "path": _valid_path(a)},
+                               "verify": "true"}),
+        422, "invalid request: verify: Input should be a valid boolean"),
+    "label as a number (no coercion)": (
+        lambda a, e: _json(a, {"source": {"type": "path", "path": _valid_path(a)}, "label": 7}),
+        422, "invalid request: label: Input should be a valid string"),
     "Idempotency-Key too long": (
         lambda a, e: a.push(_valid_path(a), headers={"Idempotency-Key": "k" * 201}),
         422, "idempotency-key: String should have at most 200 characters"),

@@ -251,14 +251,24 @@ def test_refused_rollbacks_change_nothing(api: Api) -> None:
         ({"to_version": 0}, 422, "to_version: Input should be greater than or equal to 1"),
         ({"to_version": "two"}, 422, "to_version: Input should be a valid integer"),
         ({"to": 1}, 422, "to: Extra inputs are not permitted"),
-        (b'{"to_version": ', 422, "invalid request: body: Invalid JSON"),
-    ]
+        # No coercion: true is not version 1, "2" is not 2.
+        ({"to_version": True}, 422, "to_version: Input should be a valid integer"),
+        ({"to_version": "2"}, 422, "to_version: Input should be a valid integer"),
+        ({"to_version": 2.0}, 422, "to_version: Input should be a valid integer"),
+        ((b'{"to_version": ', "application/json"), 422, "invalid request: body: Invalid JSON"),
+        # A JSON body not declared as JSON (as a cross-site form could send it) is not obeyed.
+        ((b'{"to_version": 1}', "text/plain"), 415,
+         "as JSON ({\"to_version\": N}) with Content-Type application/json, or no body at all "
+         "(got 'text/plain')"),
+        ((b'{"to_version": 1}', None), 415, "(got 'no Content-Type')"),
+    ]  # fmt: skip
     for body, code, words in cases:
-        response = (
-            _rollback(api, body)
-            if isinstance(body, dict)
-            else api.request("POST", "/weights/rollback", content=body)
-        )
+        if isinstance(body, dict):
+            response = _rollback(api, body)
+        else:
+            content, content_type = body
+            headers = {"Content-Type": content_type} if content_type else {}
+            response = api.request("POST", "/weights/rollback", content=content, headers=headers)
         assert response.status_code == code, (body, response.text)
         assert words in response.json()["detail"], (body, response.json())
         assert api.snapshot() == before, body

@@ -1,4 +1,5 @@
-"""With Redis down, reads answer 503 with the reason (never a 500), and readiness says so."""
+"""With Redis down, reads answer 503 with the reason (never a 500), and readiness and liveness
+say so."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def test_reads_answer_503_while_redis_is_down(start_redis, tmp_path: Path, clean
         client = TestClient(create_app(core))
         auth = {"Authorization": f"Bearer {TOKEN}"}
         assert client.get("/weights/versions", headers=auth).status_code == 200
+        assert client.get("/healthz").json() == {"status": "ok"}
         server.kill()
         for path in ("/weights/versions", "/weights/versions/1", "/weights/updates/x",
                      "/weights/active", "/metrics"):  # fmt: skip
@@ -36,6 +38,9 @@ def test_reads_answer_503_while_redis_is_down(start_redis, tmp_path: Path, clean
         ready = client.get("/readyz")
         assert ready.status_code == 503
         assert "does not answer" in ready.json()["reason"]
-        assert client.get("/healthz").status_code == 200
+        health = client.get("/healthz")
+        assert health.status_code == 503
+        assert health.json()["status"] == "unavailable"
+        assert "does not answer" in health.json()["reason"]
     finally:
         core.stop()

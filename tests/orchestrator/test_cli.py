@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,29 @@ def test_a_model_the_tp_size_cannot_split_stops_serve(tmp_path: Path) -> None:
     assert len(errors) == 1
     assert "tp_size" in errors[0] or "divis" in errors[0], errors[0]
     assert "Traceback" not in done.stderr
+
+
+def test_a_port_in_use_stops_serve_with_one_line_before_anything_starts(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFITD_")}
+    env.update(DEV, REFITD_DATA_DIR=str(tmp_path / "d"), REFITD_SERVER__PORT=str(port))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "serve"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO_ROOT,
+        )
+    finally:
+        taken.close()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"refitd: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "Traceback" not in done.stderr and "ERROR" not in done.stderr, done.stderr
+    assert not (tmp_path / "d" / "redis").exists(), "no Redis is started for a daemon that cannot"

@@ -71,11 +71,56 @@ def test_sharded_index_is_followed(root: Path) -> None:
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(InvalidUpdate, match="missing.safetensors"):
         resolve_path_source(str(d), [root])
-    for bad_map in ({"b.weight": "../escape.safetensors"}, ["part1.safetensors"],
-                    {"b.weight": 3}, {"b.weight": "x\u0000y"}):  # fmt: skip
+    for bad_map in (["part1.safetensors"], {"b.weight": 3}, {"b.weight": "x\u0000y"}):
         (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": bad_map}))
         with pytest.raises(InvalidUpdate, match="weight_map must map tensor names to file names"):
             resolve_path_source(str(d), [root])
+
+
+@pytest.mark.parametrize(
+    "entry", ["../escape.safetensors", "..", ".", "sub/part.safetensors", "ABSOLUTE", "LINK"]
+)
+def test_an_index_entry_that_is_not_a_file_of_its_directory_gets_one_answer(
+    root: Path, tmp_path: Path, entry: str
+) -> None:
+    """However an entry leaves the index's directory, the answer is the same code and words."""
+    d = root / "ckpt"
+    (d / "sub").mkdir(parents=True)
+    save_file({"a.weight": torch.randn(4, 8)}, d / "sub" / "part.safetensors")
+    save_file({"a.weight": torch.randn(4, 8)}, root / "escape.safetensors")
+    outside = tmp_path / "outside.safetensors"
+    save_file({"a.weight": torch.randn(4, 8)}, outside)
+    if entry == "ABSOLUTE":
+        entry = str(outside)
+    elif entry == "LINK":
+        (d / "link.safetensors").symlink_to(outside)
+        entry = "link.safetensors"
+    index = {"weight_map": {"a.weight": entry}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SourceNotAllowed) as caught:
+        resolve_path_source(str(d), [root])
+    assert caught.value.message == (
+        f"model.safetensors.index.json names {entry!r}, which is not a file of {d}; weight_map "
+        "must map tensor names to file names in the index's directory"
+    )
+    assert caught.value.status_code == 400
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_as_the_source_path_says_what_it_is(root: Path, kind: str) -> None:
+    if kind == "fifo":
+        path = root / "pipe.safetensors"
+        os.mkfifo(path)
+        words = "is a FIFO"
+    else:
+        path = root / "null"
+        path.symlink_to("/dev/null")
+        words = "is a device"
+    with pytest.raises(SourceNotAllowed) as caught:
+        resolve_path_source(str(path), [root, Path("/dev")])
+    assert caught.value.message == (
+        f"source.path {str(path)!r} {words}, not a .safetensors file or a directory of them"
+    )
 
 
 @pytest.mark.parametrize("make", ["dotdot", "absolute", "symlink", "relative"])

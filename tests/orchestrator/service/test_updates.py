@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from orchestrator.errors import Conflict, IdempotencyMismatch, NotFound
+from orchestrator.errors import Conflict, IdempotencyMismatch, NotFound, UpdateOutcomeUnknown
 from orchestrator.service.updates import Stage, UpdateQueue, UpdateStatus
 from orchestrator.state.keys import Keys
 from orchestrator.state.redis_client import connect
@@ -17,6 +17,46 @@ SRC = {"type": "path", "path": "/x"}
 def queue(redis_url: str) -> UpdateQueue:
     client = connect(redis_url)
     return UpdateQueue(client, Keys("q"), VersionStore(client, Keys("q")), queue_depth=50)
+
+
+class _KillsRedisInsideTheTransaction(VersionStore):
+    """A version store whose add_received (queued inside submit's transaction, before EXEC is
+    sent) kills the real redis-server: the transaction's reply can never come."""
+
+    def __init__(self, client, keys: Keys, server) -> None:
+        super().__init__(client, keys)
+        self.server = server
+
+    def add_received(self, pipe, version, **kw) -> None:
+        super().add_received(pipe, version, **kw)
+        self.server.kill()
+
+
+def test_a_submission_whose_reply_is_lost_names_its_update_and_is_not_recorded_twice(
+    start_redis,
+) -> None:
+    server = start_redis()
+    keys = Keys("q")
+    client = connect(server.url)
+    queue = UpdateQueue(client, keys, _KillsRedisInsideTheTransaction(client, keys, server),
+                        queue_depth=50)  # fmt: skip
+    with pytest.raises(UpdateOutcomeUnknown) as caught:
+        _submit(queue)
+    update_id = caught.value.extra["update_id"]
+    assert caught.value.extra["version"] == 1
+    assert caught.value.status_code == 503
+    assert f"GET /weights/updates/{update_id}: a 404 means it was not recorded" in (
+        caught.value.message)  # fmt: skip
+
+    server.start()  # the same directory: what the AOF kept
+    client = connect(server.url)
+    again = UpdateQueue(client, keys, VersionStore(client, keys), queue_depth=50)
+    with pytest.raises(NotFound):
+        again.get(update_id)
+    assert again.waiting() == 0
+    record, created = _submit(again)  # the trainer sends it again: one update, queued once
+    assert created and record.version == 2
+    assert again.queued() == [record.update_id]
 
 
 def _submit(queue: UpdateQueue, key: str | None = None, digest: str = "d1"):
