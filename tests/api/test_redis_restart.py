@@ -22,16 +22,21 @@ from tests.conftest import wait_until
 pytestmark = pytest.mark.slow
 
 
+def _is_redis(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"redis-server" in cmdline and "zombie" not in status
+
+
 def _redis_pid(data_dir: Path) -> int | None:
     try:
         pid = int((data_dir / "redis" / "redis.pid").read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return pid if b"redis-server" in cmdline else None
+    return pid if _is_redis(pid) else None
 
 
 def _redis_url(data_dir: Path) -> str:
@@ -125,6 +130,21 @@ def test_wait_true_rides_out_a_redis_outage_and_answers_the_final_state(api: Api
     assert api.active()["active_version"] == answer.json()["version"]
     after = api.daemon.log().splitlines()[mark:]
     assert sum("Redis answers again" in line and "?wait=true" in line for line in after) == 1
+
+
+def test_stopping_serve_stops_the_redis_its_watchdog_restarted(api: Api) -> None:
+    """A restarted redis-server is the watchdog thread's child: it must not outlive serve."""
+    old_pid = _redis_pid(api.data_dir)
+    assert old_pid is not None
+    os.kill(old_pid, signal.SIGKILL)
+    new_pid = wait_until(lambda: (p := _redis_pid(api.data_dir)) not in (None, old_pid) and p,
+                         timeout_s=60)  # fmt: skip
+    wait_until(lambda: _healthz(api).status_code == 200, timeout_s=60)
+    mark = len(api.daemon.log().splitlines())
+    assert api.daemon.stop() == 0
+    assert not _is_redis(new_pid), "the restarted redis-server outlived serve"
+    assert any("embedded redis-server stopped" in line
+               for line in api.daemon.log().splitlines()[mark:])  # fmt: skip
 
 
 def test_a_redis_that_keeps_dying_makes_serve_exit_non_zero(launch_api) -> None:
