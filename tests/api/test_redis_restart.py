@@ -16,7 +16,7 @@ from orchestrator.rollout.lock import UpdateLock
 from orchestrator.state.keys import Keys
 from orchestrator.state.redis_client import connect
 from orchestrator.state.redis_server import unix_socket_path, unix_url
-from tests.api.conftest import Api
+from tests.api.conftest import TRAINER, Api, refitctl
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
@@ -115,6 +115,14 @@ def test_wait_true_rides_out_a_redis_outage_and_answers_the_final_state(api: Api
                                        in line for line in api.daemon.log().splitlines()[mark:]),
                            timeout_s=60)  # fmt: skip
                 assert waiter.is_alive() and not answers
+                # Meanwhile the daemon cannot work, and says so to a probe and to an operator.
+                health = _healthz(api)
+                assert health.status_code == 503, health.text
+                assert health.json()["status"] == "unavailable"
+                assert "does not answer" in health.json()["reason"]
+                ctl = refitctl("health", url=api.url, token=TRAINER)
+                assert ctl.code == 1, (ctl.stdout, ctl.stderr)
+                assert ctl.stdout.startswith("live: no (redis at unix://:***@"), ctl.stdout
             finally:
                 os.kill(pid, signal.SIGCONT)
             wait_until(api.ranks_ready, timeout_s=60)
