@@ -9,6 +9,7 @@ started, so an accepted update that passes every check ends ABORTED, never commi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -119,22 +120,41 @@ def test_a_header_that_names_a_tensor_twice_is_refused_at_the_door(api: Api, via
     assert api.snapshot() == before
 
 
-@pytest.fixture
-def full_uploads(api: Api) -> Iterator[Path]:
-    """The daemon's uploads directory on an 8 MiB tmpfs (mounted over it: root only), left
-    nearly full by a filler file the test may remove; unmounted afterwards."""
-    uploads = api.data_dir / "uploads"
-    uploads.mkdir(exist_ok=True)
+@contextlib.contextmanager
+def _tmpfs_over(directory: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted over `directory` (root only: skips otherwise), unmounted afterwards."""
+    directory.mkdir(exist_ok=True)
     if shutil.which("mount") is None:
         pytest.skip("no mount(8) on this machine")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(uploads)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
                              capture_output=True, text=True)  # fmt: skip
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     try:
-        yield uploads
+        yield directory
     finally:
-        subprocess.run(["umount", str(uploads)], check=True)
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+@pytest.fixture
+def full_uploads(api: Api) -> Iterator[Path]:
+    """The daemon's uploads directory on an 8 MiB tmpfs, which the test fills."""
+    with _tmpfs_over(api.data_dir / "uploads", "size=8m") as uploads:
+        yield uploads
+
+
+def test_an_unwritable_data_directory_answers_503_and_keeps_nothing(api: Api) -> None:
+    before = api.snapshot()
+    with _tmpfs_over(api.data_dir / "uploads", "size=8m,ro"):
+        response = api.upload(api.bytes_of())
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"] == (
+        "the data directory cannot be written (Read-only file system) while storing an upload "
+        f"in {api.data_dir / 'uploads'}; nothing was kept: send it again once the data directory "
+        "is writable"
+    )
+    assert api.snapshot() == before
+    _answering(api)
 
 
 def test_a_full_disk_under_an_upload_answers_507_and_keeps_nothing(

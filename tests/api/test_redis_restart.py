@@ -16,10 +16,19 @@ from orchestrator.rollout.lock import UpdateLock
 from orchestrator.state.keys import Keys
 from orchestrator.state.redis_client import connect
 from orchestrator.state.redis_server import unix_socket_path, unix_url
-from tests.api.conftest import Api
+from tests.api.conftest import TRAINER, Api, refitctl
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
+
+
+def _is_redis(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"redis-server" in cmdline and "zombie" not in status
 
 
 def _redis_pid(data_dir: Path) -> int | None:
@@ -27,11 +36,7 @@ def _redis_pid(data_dir: Path) -> int | None:
         pid = int((data_dir / "redis" / "redis.pid").read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return pid if b"redis-server" in cmdline else None
+    return pid if _is_redis(pid) else None
 
 
 def _redis_url(data_dir: Path) -> str:
@@ -110,6 +115,14 @@ def test_wait_true_rides_out_a_redis_outage_and_answers_the_final_state(api: Api
                                        in line for line in api.daemon.log().splitlines()[mark:]),
                            timeout_s=60)  # fmt: skip
                 assert waiter.is_alive() and not answers
+                # Meanwhile the daemon cannot work, and says so to a probe and to an operator.
+                health = _healthz(api)
+                assert health.status_code == 503, health.text
+                assert health.json()["status"] == "unavailable"
+                assert "does not answer" in health.json()["reason"]
+                ctl = refitctl("health", url=api.url, token=TRAINER)
+                assert ctl.code == 1, (ctl.stdout, ctl.stderr)
+                assert ctl.stdout.startswith("live: no (redis at unix://:***@"), ctl.stdout
             finally:
                 os.kill(pid, signal.SIGCONT)
             wait_until(api.ranks_ready, timeout_s=60)
@@ -125,6 +138,21 @@ def test_wait_true_rides_out_a_redis_outage_and_answers_the_final_state(api: Api
     assert api.active()["active_version"] == answer.json()["version"]
     after = api.daemon.log().splitlines()[mark:]
     assert sum("Redis answers again" in line and "?wait=true" in line for line in after) == 1
+
+
+def test_stopping_serve_stops_the_redis_its_watchdog_restarted(api: Api) -> None:
+    """A restarted redis-server is the watchdog thread's child: it must not outlive serve."""
+    old_pid = _redis_pid(api.data_dir)
+    assert old_pid is not None
+    os.kill(old_pid, signal.SIGKILL)
+    new_pid = wait_until(lambda: (p := _redis_pid(api.data_dir)) not in (None, old_pid) and p,
+                         timeout_s=60)  # fmt: skip
+    wait_until(lambda: _healthz(api).status_code == 200, timeout_s=60)
+    mark = len(api.daemon.log().splitlines())
+    assert api.daemon.stop() == 0
+    assert not _is_redis(new_pid), "the restarted redis-server outlived serve"
+    assert any("embedded redis-server stopped" in line
+               for line in api.daemon.log().splitlines()[mark:])  # fmt: skip
 
 
 def test_a_redis_that_keeps_dying_makes_serve_exit_non_zero(launch_api) -> None:
