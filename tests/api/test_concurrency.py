@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import TRAINER, Api
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +79,8 @@ def test_an_idempotent_upload_replayed_gives_one_version(api: Api) -> None:
     assert set(api.versions()) - set(before) == {accepted["version"]}
     final = api.follow(accepted["update_id"])[-1]
     assert (final["status"], final["stage"]) == ("succeeded", "committed")
+    # The committed upload's bytes go once its artifact is durable (written after the commit).
+    wait_until(lambda: api.snapshot()["uploads"] == [], 60)
 
     snapshot = api.snapshot()
     other = api.upload(api.bytes_of(), params={"label": "up"}, headers=key)

@@ -146,7 +146,9 @@ def test_push_a_path_follow_it_and_see_it_committed_on_every_rank(api: Api) -> N
     assert all(times[a] <= times[b] for a, b in pairwise(steps)), times
     _check_report(api, detail["quantization"])
     _check_verification(detail["verification"])
-    assert detail["artifact"]["tp_size"] == 2
+    # The artifact is written after the commit (README "Durability"): it becomes durable soon.
+    artifact = wait_until(lambda: api.get(f"/weights/versions/{version}")["artifact"], 60)
+    assert artifact["tp_size"] == 2
     assert [r["rank"] for r in detail["ranks"]] == [0, 1]
     for rank in detail["ranks"]:
         assert rank["state"] == "COMMITTED" and rank["digest"] == rank["expected_digest"], rank
@@ -168,9 +170,10 @@ def test_upload_is_committed_and_its_bytes_are_not_kept(api: Api) -> None:
     _check_report(api, detail["quantization"])
     _check_verification(detail["verification"])
     _check_on_every_rank(api, accepted["version"])
-    # The upload served its purpose once the version's artifacts were written and rolled out.
+    # The upload served its purpose once the version was rolled out and its artifact durable.
     uploads = api.data_dir / "uploads"
-    assert not uploads.exists() or list(uploads.iterdir()) == []
+    wait_until(lambda: api.get(f"/weights/versions/{accepted['version']}")["artifact"], 60)
+    wait_until(lambda: not uploads.exists() or list(uploads.iterdir()) == [], 60)
 
 
 def test_wait_answers_200_when_committed_and_422_when_verification_rejects(api: Api) -> None:
