@@ -15,7 +15,7 @@ Writing the artifacts happens before that clock starts, as in the update pipelin
 column is TP 1 measured in the same run; the target is p99 < 50 ms at TP 8.
 
 Throughput: one rank's shard of --http-mib MiB fetched as a remote rank does
-(rank_agent.fetch_shard: GET /artifacts/V/R with a token, size and sha256 checked) from the
+(a rank's Receiver: GET /artifacts/V/R with a token, streamed into place, digest checked) from the
 artifacts router served by uvicorn in another process; the baseline is the same function reading
 the shared path.
 """
@@ -39,12 +39,13 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from orchestrator.data.flat import pack  # noqa: E402
 from orchestrator.rollout.coordinator import Coordinator  # noqa: E402
 from orchestrator.rollout.lock import UpdateLock  # noqa: E402
-from orchestrator.rollout.rank_agent import fetch_shard  # noqa: E402
+from orchestrator.rollout.receive import Receiver  # noqa: E402
 from orchestrator.rollout.supervisor import Supervisor  # noqa: E402
 from orchestrator.settings import REPO_ROOT, Settings, load_settings  # noqa: E402
-from orchestrator.state.artifacts import ArtifactStore  # noqa: E402
+from orchestrator.state.artifacts import ArtifactStore, layout_record  # noqa: E402
 from orchestrator.state.keys import Keys  # noqa: E402
 from orchestrator.state.redis_client import connect  # noqa: E402
 from orchestrator.state.redis_server import EmbeddedRedis  # noqa: E402
@@ -114,8 +115,9 @@ def bench_tp(tp: int, redis_url: str, root: Path, updates: int, shard_kib: int) 
             assert lock.fence is not None
             for i in range(warmup + updates):
                 v = versions.create(label=f"bench-{i}")
-                info = artifacts.write_version(v, _shards(tp, shard_kib, v), metadata={})
-                versions.set_fields(v, artifact=info)
+                flats = [pack(shard, device="cpu") for shard in _shards(tp, shard_kib, v)]
+                info = artifacts.write_version(v, flats, metadata={})
+                versions.set_fields(v, layout=layout_record(flats), artifact=info)
                 versions.transition(v, VersionStatus.QUANTIZED)
                 versions.transition(v, VersionStatus.VERIFIED)
                 result = coordinator.rollout(v, fence=lock.fence)
@@ -146,14 +148,17 @@ def _free_port() -> int:
 
 
 def bench_http(root: Path, mib: int, repeats: int = 3) -> dict:
-    """MB/s of fetch_shard over HTTP and from the path, for one `mib` MiB shard."""
+    """MB/s of a rank loading one `mib` MiB shard from its artifact: streamed over HTTP into
+    place, and read from the path (digest checked either way)."""
     port = _free_port()
     settings = _settings(root, "redis://127.0.0.1:1/0", 1,
                          server={"port": port}, ranks={"tp_size": 1, "fetch": "http"})  # fmt: skip
     store = ArtifactStore(settings.resolved_data_dir())
     elems = mib * 2**20 // 2
-    info = store.write_version(1, [{"w": torch.randn(elems).to(torch.bfloat16)}], metadata={})
+    flat = pack({"w": torch.randn(elems).to(torch.bfloat16)}, device="cpu")
+    info = store.write_version(1, [flat], metadata={})
     entry = info["ranks"][0]
+    layout = layout_record([flat])["ranks"][0]
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(root / "refitd.yaml")],
         cwd=REPO_ROOT,
@@ -177,13 +182,16 @@ def bench_http(root: Path, mib: int, repeats: int = 3) -> dict:
             path_settings = settings.model_copy(
                 update={"ranks": settings.ranks.model_copy(update={"fetch": "path"})}
             )
+            by_http = Receiver(settings, 0, "cpu")
+            by_path = Receiver(path_settings, 0, "cpu")
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                data = fetch_shard(settings, 1, 0, entry, http=http)
-                over_http.append(len(data) / (time.perf_counter() - t0))
+                by_http.load_artifact(1, entry, layout)
+                over_http.append(entry["bytes"] / (time.perf_counter() - t0))
                 t0 = time.perf_counter()
-                data = fetch_shard(path_settings, 1, 0, entry)
-                from_path.append(len(data) / (time.perf_counter() - t0))
+                by_path.load_artifact(1, entry, layout)
+                from_path.append(entry["bytes"] / (time.perf_counter() - t0))
+            by_http.close()
     finally:
         server.terminate()
         server.wait()
@@ -256,7 +264,9 @@ def main() -> None:
         print(f"TP 8 p99 {p99:.2f} ms {verdict} the target of {TARGET_P99_MS_AT_TP8:.0f} ms")
     if http:
         mb = http["bytes"] / 1e6
-        print(f"\nShard fetch, {mb:.0f} MB, size and sha256 checked (best of 3; baseline: path)")
+        print(
+            f"\nShard load from the artifact, {mb:.0f} MB, digest checked (best of 3; baseline: path)"
+        )
         print(f"{'path MB/s':>10} {'HTTP MB/s':>10} {'HTTP vs path':>13}")
         print(f"{http['path'] / 1e6:10.0f} {http['http'] / 1e6:10.0f} "
               f"{http['http'] / http['path']:12.2f}x")  # fmt: skip
