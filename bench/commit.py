@@ -264,9 +264,8 @@ def main() -> None:
         print(f"TP 8 p99 {p99:.2f} ms {verdict} the target of {TARGET_P99_MS_AT_TP8:.0f} ms")
     if http:
         mb = http["bytes"] / 1e6
-        print(
-            f"\nShard load from the artifact, {mb:.0f} MB, digest checked (best of 3; baseline: path)"
-        )
+        what = f"Shard load from the artifact, {mb:.0f} MB, digest checked"
+        print(f"\n{what} (best of 3; baseline: path)")
         print(f"{'path MB/s':>10} {'HTTP MB/s':>10} {'HTTP vs path':>13}")
         print(f"{http['path'] / 1e6:10.0f} {http['http'] / 1e6:10.0f} "
               f"{http['http'] / http['path']:12.2f}x")  # fmt: skip
