@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from kernels.finite import find_non_finite
 from orchestrator.data.files import StagingPool, read_safetensors
 from orchestrator.data.flat import FlatShard, pack
 from orchestrator.errors import InvalidUpdate
@@ -111,8 +112,6 @@ class UpdateStages:
                 threads=self.settings.data_path.reader_threads,
             )
             state = loaded.tensors
-            from kernels.finite import find_non_finite
-
             bad = find_non_finite(state)
             if bad:
                 raise InvalidUpdate(f"NaN or Inf in {some(bad)}; nothing was applied")
