@@ -43,9 +43,22 @@ class PerChannelConfig:
 
 
 @dataclass(frozen=True)
+class Fp8GemmConfig:
+    """The blockwise FP8 GEMM (kernels/fp8_gemm.py): `block_m` tokens x 128 outputs per
+    program, 128 channels per step. No autotuning: verification runs one probe size, and each
+    weight shape compiles once per deployment."""
+
+    block_m: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8  # row tiles that walk one band of weight columns together (L2 reuse)
+
+
+@dataclass(frozen=True)
 class KernelConfigs:
     blockwise: BlockwiseConfig = BlockwiseConfig()
     per_channel: PerChannelConfig = PerChannelConfig()
+    fp8_gemm: Fp8GemmConfig = Fp8GemmConfig()
     source: str = "defaults"
 
 
@@ -67,6 +80,7 @@ def parse_config_file(path: Path) -> KernelConfigs:
     return KernelConfigs(
         blockwise=_section(BlockwiseConfig, raw.get("blockwise", {}), path),
         per_channel=_section(PerChannelConfig, raw.get("per_channel", {}), path),
+        fp8_gemm=_section(Fp8GemmConfig, raw.get("fp8_gemm", {}), path),
         source=str(path),
     )
 

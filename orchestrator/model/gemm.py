@@ -6,7 +6,9 @@ a per-channel weight as a rowwise-scaled GEMM (one scale per token, one per outp
 emulation computes the same sums from the dequantized operands in fp32 and is the CPU path and
 the oracle. `torch._scaled_mm` does them on the GPU, but which scale layouts it takes depends on
 the torch build and the device, so `select_gemm` probes it once on a tiny case against the
-emulation and falls back to the emulation (with a WARNING) when no layout matches.
+emulation. Where no blockwise layout matches (torch 2.11 on the H200 takes none), the blockwise
+products go to our Triton kernel (kernels/fp8_gemm.py, as SGLang's Triton path computes them),
+itself probed against the emulation; only when that fails too are they emulated (a WARNING).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from kernels.blockwise import dequantize_blockwise
 from kernels.fp8 import BLOCK, FP8_DTYPE
+from kernels.fp8_gemm import fp8_block_gemm
 from kernels.token_group import ACTIVATION_EPS, dequantize_token_groups, quantize_token_groups
 
 logger = logging.getLogger("refitd.verification")
@@ -77,32 +80,41 @@ _LAYOUTS: dict[str, Layout] = {
 
 
 ScaledMMFn = Callable[..., torch.Tensor]  # torch._scaled_mm's signature
+# kernels.fp8_gemm.fp8_block_gemm's signature: (xq, xs, wq, ws) -> bf16 [T, N].
+BlockGemmFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class ScaledMM(Gemm):
-    """torch._scaled_mm where the probe found it right, the emulation elsewhere. Returns bf16."""
+    """torch._scaled_mm where the probe found it right, else (blockwise) the Triton kernel where
+    its probe passed, the emulation elsewhere. Returns bf16."""
 
     blockwise_layout: str | None
     rowwise_ok: bool
     scaled_mm: ScaledMMFn = torch._scaled_mm
+    # The blockwise kernel used when scaled_mm takes no blockwise layout; None: emulate.
+    block_gemm: BlockGemmFn | None = None
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        parts = [
-            f"blockwise: scaled_mm ({self.blockwise_layout})" if self.blockwise_layout else
-            "blockwise: emulated",
-            "rowwise: scaled_mm" if self.rowwise_ok else "rowwise: emulated",
-        ]  # fmt: skip
-        return ", ".join(parts)
+        if self.blockwise_layout:
+            blockwise = f"blockwise: scaled_mm ({self.blockwise_layout})"
+        elif self.block_gemm is not None:
+            blockwise = "blockwise: Triton fp8 GEMM (kernels/fp8_gemm.py)"
+        else:
+            blockwise = "blockwise: emulated"
+        rowwise = "rowwise: scaled_mm" if self.rowwise_ok else "rowwise: emulated"
+        return f"{blockwise}, {rowwise}"
 
     def blockwise(
         self, xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor
     ) -> torch.Tensor:
-        if self.blockwise_layout is None:
-            return super().blockwise(xq, xs, wq, ws)
-        scale_a, scale_b = _LAYOUTS[self.blockwise_layout](xs, ws)
-        return self.scaled_mm(xq, wq.t(), scale_a, scale_b, out_dtype=BF16)
+        if self.blockwise_layout is not None:
+            scale_a, scale_b = _LAYOUTS[self.blockwise_layout](xs, ws)
+            return self.scaled_mm(xq, wq.t(), scale_a, scale_b, out_dtype=BF16)
+        if self.block_gemm is not None:
+            return self.block_gemm(xq, xs, wq, ws)
+        return super().blockwise(xq, xs, wq, ws)
 
     def rowwise(
         self, xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor
@@ -114,16 +126,21 @@ class ScaledMM(Gemm):
 
 
 def select_gemm(device: torch.device) -> Gemm:
-    """The emulation on the CPU; on CUDA, scaled_mm for what the probe finds it computes right."""
+    """The emulation on the CPU; on CUDA, scaled_mm for what the probe finds it computes right,
+    the Triton blockwise kernel for blockwise products scaled_mm does not do right."""
     if device.type != "cuda":
         return Gemm()
-    return probe_scaled_mm(device, torch._scaled_mm)
+    return probe_scaled_mm(device, torch._scaled_mm, fp8_block_gemm)
 
 
-def probe_scaled_mm(device: torch.device, scaled_mm: ScaledMMFn) -> ScaledMM:
+def probe_scaled_mm(
+    device: torch.device, scaled_mm: ScaledMMFn, block_gemm: BlockGemmFn | None = None
+) -> ScaledMM:
     """Try `scaled_mm` (torch._scaled_mm's signature) on a tiny case with every scale layout; keep
     the first that matches the emulation. Scales differ by up to 2^8 from block to block and the
-    scale grid is not square, so a layout read the wrong way round does not match by chance."""
+    scale grid is not square, so a layout read the wrong way round does not match by chance.
+    When no layout matches, `block_gemm` (fp8_block_gemm's signature) is tried on the same case
+    and kept if it matches (a compile failure counts as a mismatch)."""
     emulated = Gemm()
     gen = torch.Generator(device="cpu").manual_seed(0)
     tokens, k, n = 32, 384, 256
@@ -148,6 +165,15 @@ def probe_scaled_mm(device: torch.device, scaled_mm: ScaledMMFn) -> ScaledMM:
         if _close(got, want):
             layout = name
             break
+    kernel = None
+    if layout is None and block_gemm is not None:
+        try:
+            if _close(block_gemm(xq, xs, wq, ws), want):
+                kernel = block_gemm
+            else:
+                logger.warning("the blockwise FP8 kernel differs from the emulation on %s", device)
+        except Exception as exc:  # a Triton compile or launch failure: fall back, say why
+            logger.warning("the blockwise FP8 kernel failed on %s: %s", device, exc)
     rxs, rws = scales(tokens, 1).to(device), scales(n, 1).to(device)
     try:
         got = scaled_mm(xq, wq.t(), rxs.contiguous(), rws.t().contiguous(), out_dtype=BF16)
@@ -155,8 +181,8 @@ def probe_scaled_mm(device: torch.device, scaled_mm: ScaledMMFn) -> ScaledMM:
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
         logger.debug("rowwise scaled_mm: %s", exc)
         rowwise_ok = False
-    chosen = ScaledMM(layout, rowwise_ok, scaled_mm)
-    if layout is None or not rowwise_ok:
+    chosen = ScaledMM(layout, rowwise_ok, scaled_mm, kernel)
+    if (layout is None and kernel is None) or not rowwise_ok:
         logger.warning(
             "torch._scaled_mm does not serve every FP8 GEMM on %s (%s); verification emulates "
             "the rest in fp32, which is slower but computes the same sums",
@@ -173,6 +199,7 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 __all__ = [
     "ACTIVATION_EPS",
+    "BlockGemmFn",
     "Gemm",
     "ScaledMM",
     "dequantize_activation_groups",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kernels.fp8 import BLOCK, FP8_DTYPE
+from kernels.fp8_gemm import fp8_block_gemm_reference
 from orchestrator.model import synthetic
 from orchestrator.model.gemm import Gemm, ScaledMM, probe_scaled_mm
 from orchestrator.model.planner import ModelPlan
@@ -175,6 +176,39 @@ def test_the_probe_falls_back_to_the_emulation_and_says_so(caplog):
     assert len([r for r in caplog.records if "emulates" in r.message]) == 2
 
 
+def _block_gemm(xq, xs, wq, ws):
+    """What kernels/fp8_gemm.py computes (its reference, rounded to bf16 as the kernel's out)."""
+    return fp8_block_gemm_reference(xq, xs, wq, ws).to(BF16)
+
+
+def _block_gemm_scales_flipped(xq, xs, wq, ws):
+    # A kernel that reads each band of weight scales from the wrong band: it must not be kept.
+    return _block_gemm(xq, xs, wq, ws.flip(0))
+
+
+def _block_gemm_fails(*_args):
+    raise RuntimeError("PTX does not compile for this device")
+
+
+def test_without_a_blockwise_scaled_mm_the_probe_takes_the_triton_kernel_if_it_computes_right(
+    caplog,
+):
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="refitd.verification"):
+        kernel = probe_scaled_mm(cpu, _transposed, _block_gemm)
+        assert not caplog.records  # nothing is emulated: no warning
+        wrong = probe_scaled_mm(cpu, _transposed, _block_gemm_scales_flipped)
+        broken = probe_scaled_mm(cpu, _transposed, _block_gemm_fails)
+    assert kernel.block_gemm is _block_gemm and kernel.blockwise_layout is None
+    assert kernel.name == "blockwise: Triton fp8 GEMM (kernels/fp8_gemm.py), rowwise: scaled_mm"
+    assert wrong.block_gemm is None and broken.block_gemm is None
+    assert wrong.name == broken.name == "blockwise: emulated, rowwise: scaled_mm"
+    assert any("differs from the emulation" in r.message for r in caplog.records)
+    assert any("PTX does not compile" in r.message for r in caplog.records)
+    # scaled_mm's own blockwise layout, where one computes right, wins over the kernel.
+    assert probe_scaled_mm(cpu, _exact, _block_gemm).block_gemm is None
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_a_verification_through_scaled_mm_scores_like_the_emulation(tp):
     """The GPU path's plumbing (scale layouts, rank pieces, bf16 outputs) run on the CPU with an
@@ -189,6 +223,19 @@ def test_a_verification_through_scaled_mm_scores_like_the_emulation(tp):
     assert scaled.passed and emulated.passed
     assert scaled.metrics["mean_kl"] == pytest.approx(emulated.metrics["mean_kl"], rel=0.2)
     assert scaled.metrics["max_weight_error"] == emulated.metrics["max_weight_error"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_verification_through_the_blockwise_kernel_scores_like_the_emulation(tp):
+    plan, shards = _shipped(tp)
+    gemm = probe_scaled_mm(torch.device("cpu"), _unsupported, _block_gemm)
+    kernel = Verifier(CONFIG, gemm=gemm)(_update(), shards, plan, probe_batch(512), Thresholds())
+    emulated = Verifier(CONFIG, gemm=Gemm())(
+        _update(), shards, plan, probe_batch(512), Thresholds()
+    )
+    assert kernel.gemm.startswith("blockwise: Triton fp8 GEMM")
+    assert kernel.passed and emulated.passed
+    assert kernel.metrics["mean_kl"] == pytest.approx(emulated.metrics["mean_kl"], rel=0.2)
 
 
 def test_a_broken_scaled_mm_layout_would_be_caught_by_the_gate():
