@@ -131,7 +131,30 @@ def _bf16_forward(
     )
 
 
-def timed_run(model: str, device: torch.device, tp: int, seed: int, repeat: int) -> int:
+def _profile(fn: Callable[[], Any], rows: int) -> None:
+    """One call under torch.profiler (the kernels by device time, then ops by host time), and
+    one under cProfile (Python functions by their own time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    import cProfile
+    import pstats
+
+    # The host side, by Python function: verification is launch-bound on a fast GPU.
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def timed_run(
+    model: str, device: torch.device, tp: int, seed: int, repeat: int, profile_rows: int = 0
+) -> int:
     config = MODELS[model]
     times: dict[str, float] = {}
 
@@ -205,6 +228,11 @@ def timed_run(model: str, device: torch.device, tp: int, seed: int, repeat: int)
     for metric, value in report.metrics.items():
         print(f"metric {metric:<27} {value:>12.5g}")
     print(f"passed: {report.passed}" + (f" ({report.reason})" if report.reason else ""))
+    if profile_rows and device.type == "cuda":
+        _profile(
+            lambda: verify(config, update, shards, plan, probe, thresholds, device=device),
+            profile_rows,
+        )
     return 0 if report.passed else 1
 
 
@@ -350,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=1, help="TP size the shards are made for")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=5, help="timed verifications per run")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="ROWS",
+        help="on CUDA: profile one more verification, print the top ROWS ops",
+    )  # fmt: skip
     parser.add_argument("--table", action="store_true", help="print the calibration table")
     parser.add_argument("--write-notes", action="store_true", help="with --table: update the notes")
     args = parser.parse_args(argv)
@@ -367,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     # The scaled_mm probe's verdict is a WARNING worth seeing when it falls back.
     logging.getLogger("refitd.verification").setLevel(logging.WARNING)
     with torch.inference_mode():
-        return timed_run(args.model, device, args.tp, args.seed, args.repeat)
+        return timed_run(args.model, device, args.tp, args.seed, args.repeat, args.profile)
 
 
 if __name__ == "__main__":

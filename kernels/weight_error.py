@@ -81,22 +81,35 @@ def _weight_error_kernel(
     UNIT: tl.constexpr,  # a Unit value
     ROWS: tl.constexpr,  # rows per program: BLOCK_N for BLOCKS, a row group otherwise
     BLOCK_N: tl.constexpr,  # columns per step (128: a block's width)
+    ALIGNED: tl.constexpr,  # every offset, row stride and width a multiple of 16 elements
     META_COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     meta = meta_ptr + tl.load(prog_item_ptr + pid).to(tl.int64) * META_COLS
     ref_off = tl.load(meta + 0)
-    ref_stride = tl.load(meta + 1)
+    ref_stride = tl.load(meta + 1).to(tl.int32)
     got_off = tl.load(meta + 2)
-    got_stride = tl.load(meta + 3)
+    got_stride = tl.load(meta + 3).to(tl.int32)
     s_off = tl.load(meta + 4)
     s_stride = tl.load(meta + 5)
-    m = tl.load(meta + 6)
-    n = tl.load(meta + 7)
+    m = tl.load(meta + 6).to(tl.int32)
+    n = tl.load(meta + 7).to(tl.int32)
     err_off = tl.load(meta + 8)
-    local = pid - tl.load(meta + 9)
+    local = (pid - tl.load(meta + 9)).to(tl.int32)
+    if ALIGNED:
+        # Offsets read from a table carry no alignment facts; without these hints the compiler
+        # emits 2-byte loads instead of 16-byte ones, and the pass runs at a fraction of HBM
+        # bandwidth (as in kernels/blockwise.py).
+        ref_off = tl.multiple_of(ref_off, 16)
+        got_off = tl.multiple_of(got_off, 16)
+        ref_stride = tl.multiple_of(ref_stride, 16)
+        got_stride = tl.multiple_of(got_stride, 16)
+        n = tl.multiple_of(n, 16)
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
+    # In-tile offsets in int32 (ROWS rows of a stride below 2**24); the tile's start in int64.
+    r_inner = rows[:, None] * ref_stride + cols[None, :]
+    g_inner = rows[:, None] * got_stride + cols[None, :]
     if UNIT == 0:
         # One program per block: `local` counts blocks row-major over the item's block grid.
         blocks_n = tl.cdiv(n, BLOCK_N)
@@ -105,10 +118,10 @@ def _weight_error_kernel(
         row0 = bm * ROWS
         col0 = bn * BLOCK_N
         mask = (rows[:, None] < m - row0) & (cols[None, :] < n - col0)
-        r_idx = (row0 + rows)[:, None] * ref_stride + (col0 + cols)[None, :]
-        g_idx = (row0 + rows)[:, None] * got_stride + (col0 + cols)[None, :]
-        ref = tl.load(ref_ptr + ref_off + r_idx, mask=mask, other=0.0).to(tl.float32)
-        got = tl.load(got_ptr + got_off + g_idx, mask=mask, other=0.0).to(tl.float32)
+        r_start = ref_off + row0.to(tl.int64) * ref_stride + col0
+        g_start = got_off + row0.to(tl.int64) * got_stride + col0
+        ref = tl.load(ref_ptr + r_start + r_inner, mask=mask, other=0.0).to(tl.float32)
+        got = tl.load(got_ptr + g_start + g_inner, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(s_ptr + s_off + bm * s_stride + bn)
         diff = tl.where(mask, got * scale - ref, 0.0)
         num = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
@@ -124,12 +137,12 @@ def _weight_error_kernel(
             scale = tl.full([ROWS], 1.0, tl.float32)
         num = tl.zeros([ROWS], dtype=tl.float32)
         den = tl.zeros([ROWS], dtype=tl.float32)
+        r_row = ref_ptr + ref_off + row0.to(tl.int64) * ref_stride
+        g_row = got_ptr + got_off + row0.to(tl.int64) * got_stride
         for c0 in range(0, n, BLOCK_N):
             mask = row_ok[:, None] & ((c0 + cols)[None, :] < n)
-            r_idx = (row0 + rows)[:, None] * ref_stride + (c0 + cols)[None, :]
-            g_idx = (row0 + rows)[:, None] * got_stride + (c0 + cols)[None, :]
-            ref = tl.load(ref_ptr + ref_off + r_idx, mask=mask, other=0.0).to(tl.float32)
-            got = tl.load(got_ptr + got_off + g_idx, mask=mask, other=0.0).to(tl.float32)
+            ref = tl.load(r_row + c0 + r_inner, mask=mask, other=0.0).to(tl.float32)
+            got = tl.load(g_row + c0 + g_inner, mask=mask, other=0.0).to(tl.float32)
             diff = tl.where(mask, got * scale[:, None] - ref, 0.0)
             num += tl.sum(diff * diff, axis=1)
             den += tl.sum(ref * ref, axis=1)
@@ -167,12 +180,13 @@ def weight_errors(
         for item, start in zip(items, starts, strict=False):
             sums[:, start : start + item.units()] = torch.stack(_sums_reference(item))
     else:
-        groups: dict[tuple[Unit, torch.dtype, torch.dtype], list[int]] = {}
+        groups: dict[tuple[Unit, torch.dtype, torch.dtype, bool], list[int]] = {}
         for i, item in enumerate(items):
             if item.units():
-                groups.setdefault((item.unit, item.ref.dtype, item.got.dtype), []).append(i)
-        for (unit, _, _), idx in groups.items():
-            _launch(unit, [items[i] for i in idx], [starts[i] for i in idx], sums)
+                key = (item.unit, item.ref.dtype, item.got.dtype, _aligned(item))
+                groups.setdefault(key, []).append(i)
+        for (unit, _, _, aligned), idx in groups.items():
+            _launch(unit, aligned, [items[i] for i in idx], [starts[i] for i in idx], sums)
     merged = [(i, item.adds_to) for i, item in enumerate(items) if item.adds_to is not None]
     if merged:
         # Each merged item's units point at its owner's; everything else at itself.
@@ -184,7 +198,23 @@ def weight_errors(
     return _relative(sums[0], sums[1]), starts
 
 
-def _launch(unit: Unit, items: list[Item], err_offs: list[int], sums: torch.Tensor) -> None:
+def _aligned(item: Item) -> bool:
+    """Whether the kernel may assume 16-element aligned rows: every row of the reference and of
+    the shipped tensor starts on 16 elements from a 16-byte aligned base, and the width is a
+    multiple of 16. The launch's base pointers are the first item's, which Triton checks."""
+    ref, got = item.ref, item.got
+    return (
+        ref.shape[1] % 16 == 0
+        and ref.data_ptr() % 32 == 0  # 16 bf16 elements
+        and got.data_ptr() % (16 * got.element_size()) == 0
+        and ref.stride(0) % 16 == 0
+        and got.stride(0) % 16 == 0
+    )
+
+
+def _launch(
+    unit: Unit, aligned: bool, items: list[Item], err_offs: list[int], sums: torch.Tensor
+) -> None:
     ref0, got0 = items[0].ref, items[0].got
     # PLAIN items have no scale; the kernel never reads it, any fp32 tensor will do as the base.
     scales = [i.scale if i.scale is not None else sums for i in items]
@@ -229,6 +259,7 @@ def _launch(unit: Unit, items: list[Item], err_offs: list[int], sums: torch.Tens
         UNIT=int(unit),
         ROWS=rows_per_prog,
         BLOCK_N=BLOCK,
+        ALIGNED=aligned,
         META_COLS=META_COLS,
         num_warps=8 if unit is Unit.BLOCKS else 4,
     )

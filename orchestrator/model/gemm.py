@@ -14,7 +14,7 @@ itself probed against the emulation; only when that fails too are they emulated 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -84,23 +84,69 @@ ScaledMMFn = Callable[..., torch.Tensor]  # torch._scaled_mm's signature
 BlockGemmFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class BlockGemm:
+    """A blockwise FP8 product other than torch._scaled_mm's: its name, the function, and
+    whether it takes only weights whose both sides are whole 128-blocks."""
+
+    name: str
+    fn: BlockGemmFn
+    whole_blocks_only: bool = False
+
+    def takes(self, w: torch.Tensor) -> bool:
+        return not self.whole_blocks_only or (w.shape[0] % BLOCK == 0 and w.shape[1] % BLOCK == 0)
+
+
+def _scaled_mm_v2(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor):
+    """torch.nn.functional.scaled_mm (torch >= 2.10) with blockwise recipes, as the H200 with
+    torch 2.11 takes them: activation scales token-major in memory ([T, K/128] with strides
+    (1, T), DeepGEMM's habit), the weight's [N/128, K/128] grid transposed in place."""
+    f = torch.nn.functional
+    return f.scaled_mm(  # type: ignore[attr-defined]
+        xq,
+        wq.t(),
+        xs.t().contiguous().t(),
+        f.ScalingType.BlockWise1x128,  # type: ignore[attr-defined]
+        ws.t(),
+        f.ScalingType.BlockWise128x128,  # type: ignore[attr-defined]
+        output_dtype=BF16,
+    )
+
+
+TRITON_GEMM = BlockGemm("Triton fp8 GEMM (kernels/fp8_gemm.py)", fp8_block_gemm)
+SCALED_MM_V2 = BlockGemm("F.scaled_mm (blockwise recipes)", _scaled_mm_v2, whole_blocks_only=True)
+
+
+def block_gemm_candidates() -> list[BlockGemm]:
+    """The blockwise products to probe after torch._scaled_mm, in order of preference."""
+    found = [TRITON_GEMM]
+    if hasattr(torch.nn.functional, "scaled_mm"):
+        found.insert(0, SCALED_MM_V2)
+    return found
+
+
 @dataclass
 class ScaledMM(Gemm):
-    """torch._scaled_mm where the probe found it right, else (blockwise) the Triton kernel where
-    its probe passed, the emulation elsewhere. Returns bf16."""
+    """torch._scaled_mm where the probe found it right, else (blockwise) the first product of
+    `block_gemms` (those whose probe passed) that takes the weight, the emulation elsewhere.
+    Returns bf16."""
 
     blockwise_layout: str | None
     rowwise_ok: bool
     scaled_mm: ScaledMMFn = torch._scaled_mm
-    # The blockwise kernel used when scaled_mm takes no blockwise layout; None: emulate.
-    block_gemm: BlockGemmFn | None = None
+    block_gemms: tuple[BlockGemm, ...] = ()
 
     @property
     def name(self) -> str:  # type: ignore[override]
         if self.blockwise_layout:
             blockwise = f"blockwise: scaled_mm ({self.blockwise_layout})"
-        elif self.block_gemm is not None:
-            blockwise = "blockwise: Triton fp8 GEMM (kernels/fp8_gemm.py)"
+        elif self.block_gemms:
+            blockwise = "blockwise: " + ", then ".join(
+                g.name + (" for whole 128-blocks" if g.whole_blocks_only else "")
+                for g in self.block_gemms
+            )
+            if self.block_gemms[-1].whole_blocks_only:
+                blockwise += ", else emulated"
         else:
             blockwise = "blockwise: emulated"
         rowwise = "rowwise: scaled_mm" if self.rowwise_ok else "rowwise: emulated"
@@ -112,8 +158,9 @@ class ScaledMM(Gemm):
         if self.blockwise_layout is not None:
             scale_a, scale_b = _LAYOUTS[self.blockwise_layout](xs, ws)
             return self.scaled_mm(xq, wq.t(), scale_a, scale_b, out_dtype=BF16)
-        if self.block_gemm is not None:
-            return self.block_gemm(xq, xs, wq, ws)
+        for gemm in self.block_gemms:
+            if gemm.takes(wq):
+                return gemm.fn(xq, xs, wq, ws)
         return super().blockwise(xq, xs, wq, ws)
 
     def rowwise(
@@ -126,21 +173,21 @@ class ScaledMM(Gemm):
 
 
 def select_gemm(device: torch.device) -> Gemm:
-    """The emulation on the CPU; on CUDA, scaled_mm for what the probe finds it computes right,
-    the Triton blockwise kernel for blockwise products scaled_mm does not do right."""
+    """The emulation on the CPU; on CUDA, torch._scaled_mm for what the probe finds it computes
+    right, else the blockwise products of `block_gemm_candidates` that compute right."""
     if device.type != "cuda":
         return Gemm()
-    return probe_scaled_mm(device, torch._scaled_mm, fp8_block_gemm)
+    return probe_scaled_mm(device, torch._scaled_mm, block_gemm_candidates())
 
 
 def probe_scaled_mm(
-    device: torch.device, scaled_mm: ScaledMMFn, block_gemm: BlockGemmFn | None = None
+    device: torch.device, scaled_mm: ScaledMMFn, block_gemms: Sequence[BlockGemm] = ()
 ) -> ScaledMM:
     """Try `scaled_mm` (torch._scaled_mm's signature) on a tiny case with every scale layout; keep
     the first that matches the emulation. Scales differ by up to 2^8 from block to block and the
     scale grid is not square, so a layout read the wrong way round does not match by chance.
-    When no layout matches, `block_gemm` (fp8_block_gemm's signature) is tried on the same case
-    and kept if it matches (a compile failure counts as a mismatch)."""
+    When no layout matches, each of `block_gemms` is tried on the same case and kept if it
+    matches (an error, a Triton compile failure say, counts as a mismatch)."""
     emulated = Gemm()
     gen = torch.Generator(device="cpu").manual_seed(0)
     tokens, k, n = 32, 384, 256
@@ -165,15 +212,15 @@ def probe_scaled_mm(
         if _close(got, want):
             layout = name
             break
-    kernel = None
-    if layout is None and block_gemm is not None:
+    kept = []
+    for gemm in block_gemms if layout is None else ():
         try:
-            if _close(block_gemm(xq, xs, wq, ws), want):
-                kernel = block_gemm
+            if _close(gemm.fn(xq, xs, wq, ws), want):
+                kept.append(gemm)
             else:
-                logger.warning("the blockwise FP8 kernel differs from the emulation on %s", device)
-        except Exception as exc:  # a Triton compile or launch failure: fall back, say why
-            logger.warning("the blockwise FP8 kernel failed on %s: %s", device, exc)
+                logger.warning("%s differs from the emulation on %s", gemm.name, device)
+        except Exception as exc:  # any failure (a Triton compile error, say): fall back, say why
+            logger.warning("%s failed on %s: %s", gemm.name, device, exc)
     rxs, rws = scales(tokens, 1).to(device), scales(n, 1).to(device)
     try:
         got = scaled_mm(xq, wq.t(), rxs.contiguous(), rws.t().contiguous(), out_dtype=BF16)
@@ -181,8 +228,8 @@ def probe_scaled_mm(
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
         logger.debug("rowwise scaled_mm: %s", exc)
         rowwise_ok = False
-    chosen = ScaledMM(layout, rowwise_ok, scaled_mm, kernel)
-    if (layout is None and kernel is None) or not rowwise_ok:
+    chosen = ScaledMM(layout, rowwise_ok, scaled_mm, tuple(kept))
+    if (layout is None and not any(not g.whole_blocks_only for g in kept)) or not rowwise_ok:
         logger.warning(
             "torch._scaled_mm does not serve every FP8 GEMM on %s (%s); verification emulates "
             "the rest in fp32, which is slower but computes the same sums",
@@ -199,9 +246,13 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 __all__ = [
     "ACTIVATION_EPS",
+    "SCALED_MM_V2",
+    "TRITON_GEMM",
+    "BlockGemm",
     "BlockGemmFn",
     "Gemm",
     "ScaledMM",
+    "block_gemm_candidates",
     "dequantize_activation_groups",
     "probe_scaled_mm",
     "quantize_activation_groups",

@@ -275,7 +275,7 @@ class Verifier:
         """`gemm`: how to compute the FP8 products; default `select_gemm(device)`."""
         started = time.perf_counter()
         self.config = dict(config)
-        self.device = torch.device(device)
+        self.device = _indexed(torch.device(device))
         self.reference = build_model(config)
         self.expected: dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]] = {
             name: (shape, UPDATE_DTYPES) for name, shape in expected_shapes(self.reference).items()
@@ -758,6 +758,16 @@ def _vocab_pieces(
     ]
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """ "cuda" as "cuda:N" (the current device): tensors name their device with its index, and
+    torch.device("cuda") != torch.device("cuda:0"), so a bare "cuda" would make every tensor
+    look as if it lived elsewhere (the weight check would then go layer by layer, 37 rounds of
+    host work instead of one)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device)
 
@@ -844,7 +854,7 @@ _KEEP = 4
 
 def verifier_for(config: Mapping[str, Any], device: torch.device | str) -> Verifier:
     """The Verifier of this config on this device, built on first use and kept."""
-    key = (json.dumps(config, sort_keys=True, default=str), str(torch.device(device)))
+    key = (json.dumps(config, sort_keys=True, default=str), str(_indexed(torch.device(device))))
     with _VERIFIERS_LOCK:
         found = _VERIFIERS.get(key)
         if found is not None:

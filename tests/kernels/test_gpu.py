@@ -73,3 +73,39 @@ def test_many_bit_exact():
     poison_allocator(sum(w.numel() for w in ws) * 2)
     for got, w in zip(quantize_per_channel_many(ws), ws, strict=True):
         assert_bit_exact(got, quantize_per_channel_reference(w))
+
+
+# The blockwise FP8 GEMM: (tokens, channels K, outputs N). Tails of K (130, 2368 = 18.5 blocks)
+# and N (257, 3584 + 0), one token, and the probe-sized products of Qwen3-8B's layers.
+GEMM_SHAPES = [
+    (1, 128, 128),
+    (7, 130, 257),
+    (300, 2368, 3584),
+    (512, 4096, 4096),
+    (512, 4096, 1024),
+    (512, 4096, 12288),
+    (512, 12288, 4096),
+]
+
+
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=str)
+def test_fp8_block_gemm_matches_its_reference(shape):
+    from kernels.blockwise import quantize_blockwise
+    from kernels.fp8_gemm import fp8_block_gemm, fp8_block_gemm_reference
+    from kernels.token_group import quantize_token_groups
+
+    tokens, k, n = shape
+    g = torch.Generator().manual_seed(seed_for("gpu-gemm", shape))
+    x = torch.randn(tokens, k, generator=g).cuda()
+    x[-1] *= 50.0  # an outlier token
+    xq, xs = quantize_token_groups(x)
+    wq, ws = quantize_blockwise(make_weight((n, k), torch.bfloat16, seed_for("w", shape)).cuda())
+    got = fp8_block_gemm(xq, xs, wq, ws)
+    want = fp8_block_gemm_reference(xq, xs, wq, ws)
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, n)
+    err = got.float() - want
+    # bf16 output (2^-9 of a value), and Hopper's fp8 tensor cores summing each 128-channel
+    # partial product in reduced precision (as in SGLang's and DeepGEMM's kernels) before the
+    # scales promote it to fp32: small beside the largest output, and over the whole tile.
+    assert err.abs().max() <= 2.0**-6 * want.abs().max()
+    assert err.norm() <= 2.0**-7 * want.norm()

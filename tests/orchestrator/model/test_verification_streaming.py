@@ -13,7 +13,7 @@ import torch
 from kernels.fp8 import BLOCK, FP8_DTYPE
 from kernels.fp8_gemm import fp8_block_gemm_reference
 from orchestrator.model import synthetic
-from orchestrator.model.gemm import Gemm, ScaledMM, probe_scaled_mm
+from orchestrator.model.gemm import BlockGemm, Gemm, ScaledMM, probe_scaled_mm
 from orchestrator.model.planner import ModelPlan
 from orchestrator.model.probe import probe_batch
 from orchestrator.model.served import ServedLinear
@@ -182,7 +182,7 @@ def _block_gemm(xq, xs, wq, ws):
 
 
 def _block_gemm_scales_flipped(xq, xs, wq, ws):
-    # A kernel that reads each band of weight scales from the wrong band: it must not be kept.
+    # A product that reads each band of weight scales from the wrong band: it must not be kept.
     return _block_gemm(xq, xs, wq, ws.flip(0))
 
 
@@ -190,23 +190,53 @@ def _block_gemm_fails(*_args):
     raise RuntimeError("PTX does not compile for this device")
 
 
-def test_without_a_blockwise_scaled_mm_the_probe_takes_the_triton_kernel_if_it_computes_right(
-    caplog,
-):
+KERNEL = BlockGemm("kernel", _block_gemm)
+WHOLE_BLOCKS = BlockGemm("whole", _block_gemm, whole_blocks_only=True)
+
+
+def test_without_a_blockwise_scaled_mm_the_probe_keeps_the_products_that_compute_right(caplog):
     cpu = torch.device("cpu")
+    flipped = BlockGemm("flipped", _block_gemm_scales_flipped)
+    failing = BlockGemm("failing", _block_gemm_fails)
     with caplog.at_level(logging.WARNING, logger="refitd.verification"):
-        kernel = probe_scaled_mm(cpu, _transposed, _block_gemm)
-        assert not caplog.records  # nothing is emulated: no warning
-        wrong = probe_scaled_mm(cpu, _transposed, _block_gemm_scales_flipped)
-        broken = probe_scaled_mm(cpu, _transposed, _block_gemm_fails)
-    assert kernel.block_gemm is _block_gemm and kernel.blockwise_layout is None
-    assert kernel.name == "blockwise: Triton fp8 GEMM (kernels/fp8_gemm.py), rowwise: scaled_mm"
-    assert wrong.block_gemm is None and broken.block_gemm is None
-    assert wrong.name == broken.name == "blockwise: emulated, rowwise: scaled_mm"
-    assert any("differs from the emulation" in r.message for r in caplog.records)
+        kept = probe_scaled_mm(cpu, _transposed, [WHOLE_BLOCKS, flipped, failing, KERNEL])
+        assert not [r for r in caplog.records if "emulates" in r.message]
+        broken = probe_scaled_mm(cpu, _transposed, [flipped, failing])
+    assert kept.blockwise_layout is None and kept.block_gemms == (WHOLE_BLOCKS, KERNEL)
+    assert kept.name == "blockwise: whole for whole 128-blocks, then kernel, rowwise: scaled_mm"
+    assert broken.block_gemms == ()
+    assert broken.name == "blockwise: emulated, rowwise: scaled_mm"
+    assert any("flipped differs from the emulation" in r.message for r in caplog.records)
     assert any("PTX does not compile" in r.message for r in caplog.records)
-    # scaled_mm's own blockwise layout, where one computes right, wins over the kernel.
-    assert probe_scaled_mm(cpu, _exact, _block_gemm).block_gemm is None
+    assert any("emulates" in r.message for r in caplog.records)
+    # scaled_mm's own blockwise layout, where one computes right, wins over the others.
+    assert probe_scaled_mm(cpu, _exact, [KERNEL]).block_gemms == ()
+
+
+def test_a_product_for_whole_blocks_only_leaves_tails_to_the_next_or_the_emulation():
+    calls = []
+
+    def counted(name, fn):
+        def run(*args):
+            calls.append(name)
+            return fn(*args)
+
+        return run
+
+    gemm = ScaledMM(
+        None,
+        True,
+        _exact,
+        (BlockGemm("whole", counted("whole", _block_gemm), whole_blocks_only=True),),
+    )
+    xq = torch.ones(4, 384, dtype=torch.float32).to(FP8_DTYPE)
+    xs = torch.ones(4, 3)
+    for n, k in [(256, 384), (200, 384), (256, 300)]:
+        wq, ws = torch.ones(n, k).to(FP8_DTYPE), torch.ones(-(-n // BLOCK), -(-k // BLOCK))
+        got = gemm.blockwise(xq[:, :k], xs[:, : ws.shape[1]], wq, ws)
+        assert got.shape == (4, n)
+    assert calls == ["whole"]  # the tails went to the emulation
+    assert gemm.name == "blockwise: whole for whole 128-blocks, else emulated, rowwise: scaled_mm"
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -228,12 +258,12 @@ def test_a_verification_through_scaled_mm_scores_like_the_emulation(tp):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_a_verification_through_the_blockwise_kernel_scores_like_the_emulation(tp):
     plan, shards = _shipped(tp)
-    gemm = probe_scaled_mm(torch.device("cpu"), _unsupported, _block_gemm)
+    gemm = probe_scaled_mm(torch.device("cpu"), _unsupported, [KERNEL])
     kernel = Verifier(CONFIG, gemm=gemm)(_update(), shards, plan, probe_batch(512), Thresholds())
     emulated = Verifier(CONFIG, gemm=Gemm())(
         _update(), shards, plan, probe_batch(512), Thresholds()
     )
-    assert kernel.gemm.startswith("blockwise: Triton fp8 GEMM")
+    assert kernel.gemm.startswith("blockwise: kernel,")
     assert kernel.passed and emulated.passed
     assert kernel.metrics["mean_kl"] == pytest.approx(emulated.metrics["mean_kl"], rel=0.2)
 
@@ -261,3 +291,24 @@ def test_on_the_gpu_an_honest_update_scores_as_on_the_cpu(tp):
     assert gpu.passed, (gpu.reason, gpu.gemm)
     assert gpu.metrics["max_weight_error"] == pytest.approx(cpu.metrics["max_weight_error"], 1e-4)
     assert gpu.metrics["mean_kl"] == pytest.approx(cpu.metrics["mean_kl"], rel=0.3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_blockwise_products_are_not_emulated_and_compute_right():
+    from kernels.blockwise import quantize_blockwise
+    from kernels.token_group import quantize_token_groups
+    from orchestrator.model.gemm import select_gemm
+
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    gemm = select_gemm(cuda)
+    assert isinstance(gemm, ScaledMM)
+    assert gemm.blockwise_layout or any(not g.whole_blocks_only for g in gemm.block_gemms), gemm
+    assert Verifier(CONFIG, "cuda").device == cuda  # "cuda" is indexed, as tensors' devices are
+    g = torch.Generator().manual_seed(3)
+    # Whole blocks, and tails of K and N (Qwen2.5-7B's TP-8 MLP shard).
+    for tokens, k, n in [(512, 4096, 1024), (300, 2368, 3584), (64, 3584, 2368)]:
+        xq, xs = quantize_token_groups(torch.randn(tokens, k, generator=g).cuda())
+        wq, ws = quantize_blockwise((torch.randn(n, k, generator=g) * 0.02).cuda())
+        got, want = gemm.blockwise(xq, xs, wq, ws), Gemm().blockwise(xq, xs, wq, ws)
+        assert (got.float() - want).abs().max() <= 2.0**-6 * want.abs().max(), (tokens, k, n)
