@@ -87,14 +87,20 @@ BlockGemmFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 @dataclass(frozen=True)
 class BlockGemm:
     """A blockwise FP8 product other than torch._scaled_mm's: its name, the function, and
-    whether it takes only weights whose both sides are whole 128-blocks."""
+    whether it takes only aligned shapes (see `takes`)."""
 
     name: str
     fn: BlockGemmFn
-    whole_blocks_only: bool = False
+    aligned_only: bool = False
 
-    def takes(self, w: torch.Tensor) -> bool:
-        return not self.whole_blocks_only or (w.shape[0] % BLOCK == 0 and w.shape[1] % BLOCK == 0)
+    def takes(self, xq: torch.Tensor, wq: torch.Tensor) -> bool:
+        """Aligned: whole 128-blocks of outputs, channels in whole groups of four 128-blocks
+        (cuBLAS reads the weight's scale grid padded to four blocks of K; torch checks), and a
+        token count that keeps the token-major activation scales 16-byte aligned."""
+        if not self.aligned_only:
+            return True
+        n, k = wq.shape
+        return n % BLOCK == 0 and k % (4 * BLOCK) == 0 and xq.shape[0] % 16 == 0
 
 
 def _scaled_mm_v2(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor):
@@ -114,7 +120,7 @@ def _scaled_mm_v2(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torc
 
 
 TRITON_GEMM = BlockGemm("Triton fp8 GEMM (kernels/fp8_gemm.py)", fp8_block_gemm)
-SCALED_MM_V2 = BlockGemm("F.scaled_mm (blockwise recipes)", _scaled_mm_v2, whole_blocks_only=True)
+SCALED_MM_V2 = BlockGemm("F.scaled_mm (blockwise recipes)", _scaled_mm_v2, aligned_only=True)
 
 
 def block_gemm_candidates() -> list[BlockGemm]:
@@ -142,10 +148,9 @@ class ScaledMM(Gemm):
             blockwise = f"blockwise: scaled_mm ({self.blockwise_layout})"
         elif self.block_gemms:
             blockwise = "blockwise: " + ", then ".join(
-                g.name + (" for whole 128-blocks" if g.whole_blocks_only else "")
-                for g in self.block_gemms
+                g.name + (" for aligned shapes" if g.aligned_only else "") for g in self.block_gemms
             )
-            if self.block_gemms[-1].whole_blocks_only:
+            if self.block_gemms[-1].aligned_only:
                 blockwise += ", else emulated"
         else:
             blockwise = "blockwise: emulated"
@@ -159,7 +164,7 @@ class ScaledMM(Gemm):
             scale_a, scale_b = _LAYOUTS[self.blockwise_layout](xs, ws)
             return self.scaled_mm(xq, wq.t(), scale_a, scale_b, out_dtype=BF16)
         for gemm in self.block_gemms:
-            if gemm.takes(wq):
+            if gemm.takes(xq, wq):
                 return gemm.fn(xq, xs, wq, ws)
         return super().blockwise(xq, xs, wq, ws)
 
@@ -190,7 +195,8 @@ def probe_scaled_mm(
     matches (an error, a Triton compile failure say, counts as a mismatch)."""
     emulated = Gemm()
     gen = torch.Generator(device="cpu").manual_seed(0)
-    tokens, k, n = 32, 384, 256
+    # K of four blocks: the smallest that every product takes (see BlockGemm.takes).
+    tokens, k, n = 32, 512, 256
 
     def fp8(rows: int, cols: int) -> torch.Tensor:
         return (torch.randn(rows, cols, generator=gen) * 100).clamp(-448, 448).to(FP8_DTYPE)
@@ -229,7 +235,7 @@ def probe_scaled_mm(
         logger.debug("rowwise scaled_mm: %s", exc)
         rowwise_ok = False
     chosen = ScaledMM(layout, rowwise_ok, scaled_mm, tuple(kept))
-    if (layout is None and not any(not g.whole_blocks_only for g in kept)) or not rowwise_ok:
+    if (layout is None and not any(not g.aligned_only for g in kept)) or not rowwise_ok:
         logger.warning(
             "torch._scaled_mm does not serve every FP8 GEMM on %s (%s); verification emulates "
             "the rest in fp32, which is slower but computes the same sums",

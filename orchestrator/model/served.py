@@ -58,6 +58,23 @@ class ActivationCache:
         self._key = self._value = None
 
 
+class _Held:
+    """What a ServedLinear serves while its layer runs. A plain object: nn.Module's __setattr__
+    costs microseconds per attribute, and a model's 252 linears load and release every update."""
+
+    __slots__ = ("bias", "row_pieces", "scale", "scheme", "weight")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.scheme = Scheme.NONE
+        self.weight: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.row_pieces: list[RowPiece] | None = None
+
+
 class ServedLinear(nn.Module):
     """A decoder layer's Linear as the ranks serve it; empty between `load` and `release`."""
 
@@ -66,7 +83,19 @@ class ServedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.gemm = gemm
         self.cache = cache
-        self.release()
+        self.held = _Held()
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.held.scheme
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self.held.weight
+
+    @property
+    def row_pieces(self) -> list[RowPiece] | None:
+        return self.held.row_pieces
 
     def load(
         self,
@@ -78,28 +107,28 @@ class ServedLinear(nn.Module):
     ) -> None:
         """Serve `weight` [out, in] (fp8 with `scale`, or bf16 for Scheme.NONE), or, for a
         row-parallel weight at TP > 1, each rank's `row_pieces`."""
-        self.scheme = scheme
-        self.weight, self.scale, self.bias = weight, scale, bias
-        self.row_pieces = list(row_pieces) if row_pieces else None
+        held = self.held
+        held.scheme = scheme
+        held.weight, held.scale, held.bias = weight, scale, bias
+        held.row_pieces = list(row_pieces) if row_pieces else None
 
     def release(self) -> None:
-        self.scheme = Scheme.NONE
-        self.weight = self.scale = self.bias = None
-        self.row_pieces = None
+        self.held.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        held = self.held
         flat = x.reshape(-1, x.shape[-1])
-        if self.row_pieces is None:
-            assert self.weight is not None, "ServedLinear called before load()"
-            out = self._partial(x, self.weight, self.scale, shared=True)
+        if held.row_pieces is None:
+            assert held.weight is not None, "ServedLinear called before load()"
+            out = self._partial(x, held.weight, held.scale, shared=True)
         else:
             # The all-reduce sums what each rank computed, rounded to bf16 as it is sent.
             out = torch.zeros(flat.shape[0], self.out_features, device=x.device)
-            for piece in self.row_pieces:
+            for piece in held.row_pieces:
                 x_rank = torch.cat([flat[:, a:b] for a, b in piece.columns], dim=-1)
                 out += self._partial(x_rank, piece.weight, piece.scale, shared=False).to(BF16)
-        if self.bias is not None:
-            out = out.float() + self.bias.float()
+        if held.bias is not None:
+            out = out.float() + held.bias.float()
         # A scaled_mm result is bf16 already: no pass over it unless something changes it.
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 

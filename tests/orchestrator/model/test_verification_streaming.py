@@ -191,7 +191,7 @@ def _block_gemm_fails(*_args):
 
 
 KERNEL = BlockGemm("kernel", _block_gemm)
-WHOLE_BLOCKS = BlockGemm("whole", _block_gemm, whole_blocks_only=True)
+ALIGNED = BlockGemm("aligned", _block_gemm, aligned_only=True)
 
 
 def test_without_a_blockwise_scaled_mm_the_probe_keeps_the_products_that_compute_right(caplog):
@@ -199,11 +199,11 @@ def test_without_a_blockwise_scaled_mm_the_probe_keeps_the_products_that_compute
     flipped = BlockGemm("flipped", _block_gemm_scales_flipped)
     failing = BlockGemm("failing", _block_gemm_fails)
     with caplog.at_level(logging.WARNING, logger="refitd.verification"):
-        kept = probe_scaled_mm(cpu, _transposed, [WHOLE_BLOCKS, flipped, failing, KERNEL])
+        kept = probe_scaled_mm(cpu, _transposed, [ALIGNED, flipped, failing, KERNEL])
         assert not [r for r in caplog.records if "emulates" in r.message]
         broken = probe_scaled_mm(cpu, _transposed, [flipped, failing])
-    assert kept.blockwise_layout is None and kept.block_gemms == (WHOLE_BLOCKS, KERNEL)
-    assert kept.name == "blockwise: whole for whole 128-blocks, then kernel, rowwise: scaled_mm"
+    assert kept.blockwise_layout is None and kept.block_gemms == (ALIGNED, KERNEL)
+    assert kept.name == "blockwise: aligned for aligned shapes, then kernel, rowwise: scaled_mm"
     assert broken.block_gemms == ()
     assert broken.name == "blockwise: emulated, rowwise: scaled_mm"
     assert any("flipped differs from the emulation" in r.message for r in caplog.records)
@@ -213,7 +213,7 @@ def test_without_a_blockwise_scaled_mm_the_probe_keeps_the_products_that_compute
     assert probe_scaled_mm(cpu, _exact, [KERNEL]).block_gemms == ()
 
 
-def test_a_product_for_whole_blocks_only_leaves_tails_to_the_next_or_the_emulation():
+def test_a_product_for_aligned_shapes_only_leaves_the_others_to_the_next_or_the_emulation():
     calls = []
 
     def counted(name, fn):
@@ -227,16 +227,17 @@ def test_a_product_for_whole_blocks_only_leaves_tails_to_the_next_or_the_emulati
         None,
         True,
         _exact,
-        (BlockGemm("whole", counted("whole", _block_gemm), whole_blocks_only=True),),
+        (BlockGemm("aligned", counted("aligned", _block_gemm), aligned_only=True),),
     )
-    xq = torch.ones(4, 384, dtype=torch.float32).to(FP8_DTYPE)
-    xs = torch.ones(4, 3)
-    for n, k in [(256, 384), (200, 384), (256, 300)]:
+    xq = torch.ones(32, 512, dtype=torch.float32).to(FP8_DTYPE)
+    xs = torch.ones(32, 4)
+    # Aligned; a tail of N; a tail of K; K of three blocks, not four; 8 tokens, not 16.
+    for t, n, k in [(32, 256, 512), (32, 200, 512), (32, 256, 500), (32, 256, 384), (8, 256, 512)]:
         wq, ws = torch.ones(n, k).to(FP8_DTYPE), torch.ones(-(-n // BLOCK), -(-k // BLOCK))
-        got = gemm.blockwise(xq[:, :k], xs[:, : ws.shape[1]], wq, ws)
-        assert got.shape == (4, n)
-    assert calls == ["whole"]  # the tails went to the emulation
-    assert gemm.name == "blockwise: whole for whole 128-blocks, else emulated, rowwise: scaled_mm"
+        got = gemm.blockwise(xq[:t, :k], xs[:t, : ws.shape[1]], wq, ws)
+        assert got.shape == (t, n)
+    assert calls == ["aligned"]  # the others went to the emulation
+    assert gemm.name == "blockwise: aligned for aligned shapes, else emulated, rowwise: scaled_mm"
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -303,7 +304,7 @@ def test_on_the_gpu_blockwise_products_are_not_emulated_and_compute_right():
     cuda = torch.device("cuda", torch.cuda.current_device())
     gemm = select_gemm(cuda)
     assert isinstance(gemm, ScaledMM)
-    assert gemm.blockwise_layout or any(not g.whole_blocks_only for g in gemm.block_gemms), gemm
+    assert gemm.blockwise_layout or any(not g.aligned_only for g in gemm.block_gemms), gemm
     assert Verifier(CONFIG, "cuda").device == cuda  # "cuda" is indexed, as tensors' devices are
     g = torch.Generator().manual_seed(3)
     # Whole blocks, and tails of K and N (Qwen2.5-7B's TP-8 MLP shard).
