@@ -94,13 +94,18 @@ class BlockGemm:
     aligned_only: bool = False
 
     def takes(self, xq: torch.Tensor, wq: torch.Tensor) -> bool:
-        """Aligned: whole 128-blocks of outputs, channels in whole groups of four 128-blocks
-        (cuBLAS reads the weight's scale grid padded to four blocks of K; torch checks), and a
-        token count that keeps the token-major activation scales 16-byte aligned."""
-        if not self.aligned_only:
-            return True
-        n, k = wq.shape
-        return n % BLOCK == 0 and k % (4 * BLOCK) == 0 and xq.shape[0] % 16 == 0
+        return not self.aligned_only or cublas_blockwise_takes(xq, wq)
+
+
+def cublas_blockwise_takes(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+    """Whether cuBLAS's blockwise FP8 GEMM (behind torch._scaled_mm and F.scaled_mm) may be
+    given this product: whole 128-blocks of outputs, channels in whole groups of four 128-blocks,
+    and a token count in 16s (token-major activation scales 16-byte aligned). cuBLAS reads the
+    weight's scale grid padded to four blocks of K; torch 2.11's _scaled_mm does not check, and
+    on other shapes it returns wrong sums without an error (seen on the H200: a tiny model's
+    honest update rejected with mean KL 7). So these shapes only, whatever the probe says."""
+    n, k = wq.shape
+    return n % BLOCK == 0 and k % (4 * BLOCK) == 0 and xq.shape[0] % 16 == 0
 
 
 def _scaled_mm_v2(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor):
@@ -144,23 +149,22 @@ class ScaledMM(Gemm):
 
     @property
     def name(self) -> str:  # type: ignore[override]
+        used = [
+            g.name + (" for aligned shapes" if g.aligned_only else "") for g in self.block_gemms
+        ]
         if self.blockwise_layout:
-            blockwise = f"blockwise: scaled_mm ({self.blockwise_layout})"
-        elif self.block_gemms:
-            blockwise = "blockwise: " + ", then ".join(
-                g.name + (" for aligned shapes" if g.aligned_only else "") for g in self.block_gemms
-            )
-            if self.block_gemms[-1].aligned_only:
-                blockwise += ", else emulated"
-        else:
-            blockwise = "blockwise: emulated"
+            used.insert(0, f"scaled_mm ({self.blockwise_layout}) for aligned shapes")
+        blockwise = "blockwise: " + (", then ".join(used) or "emulated")
+        # What no product that takes every shape covers is emulated.
+        if used and all(g.aligned_only for g in self.block_gemms):
+            blockwise += ", else emulated"
         rowwise = "rowwise: scaled_mm" if self.rowwise_ok else "rowwise: emulated"
         return f"{blockwise}, {rowwise}"
 
     def blockwise(
         self, xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor
     ) -> torch.Tensor:
-        if self.blockwise_layout is not None:
+        if self.blockwise_layout is not None and cublas_blockwise_takes(xq, wq):
             scale_a, scale_b = _LAYOUTS[self.blockwise_layout](xs, ws)
             return self.scaled_mm(xq, wq.t(), scale_a, scale_b, out_dtype=BF16)
         for gemm in self.block_gemms:
@@ -191,8 +195,9 @@ def probe_scaled_mm(
     """Try `scaled_mm` (torch._scaled_mm's signature) on a tiny case with every scale layout; keep
     the first that matches the emulation. Scales differ by up to 2^8 from block to block and the
     scale grid is not square, so a layout read the wrong way round does not match by chance.
-    When no layout matches, each of `block_gemms` is tried on the same case and kept if it
-    matches (an error, a Triton compile failure say, counts as a mismatch)."""
+    Each of `block_gemms` is tried on the same case too and kept if it matches (an error, a
+    Triton compile failure say, counts as a mismatch): cuBLAS takes only some shapes
+    (`cublas_blockwise_takes`), and the others go to the first kept product that takes them."""
     emulated = Gemm()
     gen = torch.Generator(device="cpu").manual_seed(0)
     # K of four blocks: the smallest that every product takes (see BlockGemm.takes).
@@ -219,7 +224,7 @@ def probe_scaled_mm(
             layout = name
             break
     kept = []
-    for gemm in block_gemms if layout is None else ():
+    for gemm in block_gemms:
         try:
             if _close(gemm.fn(xq, xs, wq, ws), want):
                 kept.append(gemm)
@@ -235,7 +240,7 @@ def probe_scaled_mm(
         logger.debug("rowwise scaled_mm: %s", exc)
         rowwise_ok = False
     chosen = ScaledMM(layout, rowwise_ok, scaled_mm, tuple(kept))
-    if (layout is None and not any(not g.aligned_only for g in kept)) or not rowwise_ok:
+    if not any(not g.aligned_only for g in kept) or not rowwise_ok:
         logger.warning(
             "torch._scaled_mm does not serve every FP8 GEMM on %s (%s); verification emulates "
             "the rest in fp32, which is slower but computes the same sums",
@@ -259,6 +264,7 @@ __all__ = [
     "Gemm",
     "ScaledMM",
     "block_gemm_candidates",
+    "cublas_blockwise_takes",
     "dequantize_activation_groups",
     "probe_scaled_mm",
     "quantize_activation_groups",

@@ -209,8 +209,31 @@ def test_without_a_blockwise_scaled_mm_the_probe_keeps_the_products_that_compute
     assert any("flipped differs from the emulation" in r.message for r in caplog.records)
     assert any("PTX does not compile" in r.message for r in caplog.records)
     assert any("emulates" in r.message for r in caplog.records)
-    # scaled_mm's own blockwise layout, where one computes right, wins over the others.
-    assert probe_scaled_mm(cpu, _exact, [KERNEL]).block_gemms == ()
+    # scaled_mm's own blockwise layout, where one computes right, goes first; the kernel takes
+    # the shapes cuBLAS does not.
+    both = probe_scaled_mm(cpu, _exact, [KERNEL])
+    assert (both.blockwise_layout, both.block_gemms) == ("row-major", (KERNEL,))
+    assert both.name == (
+        "blockwise: scaled_mm (row-major) for aligned shapes, then kernel, rowwise: scaled_mm"
+    )
+
+
+def _garbage_unless_aligned(a, b, scale_a, scale_b, *, out_dtype):
+    # torch 2.11's _scaled_mm on the H200: right for aligned shapes, silently wrong otherwise.
+    got = _exact(a, b, scale_a, scale_b, out_dtype=out_dtype)
+    return got if b.shape[0] % 512 == 0 else got * 0 + 1000
+
+
+def test_scaled_mm_gets_only_the_shapes_cublas_takes_and_the_kernel_the_rest():
+    gemm = ScaledMM("token-major", True, _garbage_unless_aligned, (KERNEL,))
+    g = torch.Generator().manual_seed(2)
+    for tokens, k, n in [(32, 512, 256), (32, 384, 256), (32, 512, 200), (24, 512, 256)]:
+        xq = (torch.randn(tokens, k, generator=g) * 100).clamp(-448, 448).to(FP8_DTYPE)
+        wq = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(FP8_DTYPE)
+        xs = torch.rand(tokens, -(-k // BLOCK), generator=g)
+        ws = torch.rand(-(-n // BLOCK), -(-k // BLOCK), generator=g)
+        got, want = gemm.blockwise(xq, xs, wq, ws), Gemm().blockwise(xq, xs, wq, ws)
+        assert (got.float() - want).abs().max() <= 2.0**-6 * want.abs().max(), (tokens, k, n)
 
 
 def test_a_product_for_aligned_shapes_only_leaves_the_others_to_the_next_or_the_emulation():
