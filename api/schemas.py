@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -93,12 +94,39 @@ class TensorSource(_Strict):
     )  # fmt: skip
 
 
-class UpdateRequest(_Strict):
-    source: PathSource | TensorSource = Field(..., discriminator="type")
+class _UpdateOptions(_Strict):
     label: str | None = Field(None, max_length=200, description="Free-form, e.g. the train step.")
     verify: bool | None = Field(
         None, description="Check against bf16 reference logits (default: verification.enabled)."
     )
+
+
+class UpdateRequest(_UpdateOptions):
+    """The body of POST /weights/update as the OpenAPI document shows it. A request is validated
+    as the model of its source's type (`update_request`), so that an error names the field as
+    the client wrote it (source.mode, not source.path.mode)."""
+
+    source: PathSource | TensorSource = Field(..., discriminator="type")
+
+
+class PathUpdateRequest(_UpdateOptions):
+    source: PathSource
+
+
+class TensorUpdateRequest(_UpdateOptions):
+    source: TensorSource
+
+
+def update_request(raw: bytes) -> PathUpdateRequest | TensorUpdateRequest:
+    """Validate a JSON body of POST /weights/update (pydantic's ValidationError when invalid)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None  # the path model's own parse says what is wrong with it
+    source = data.get("source") if isinstance(data, dict) else None
+    if isinstance(source, dict) and source.get("type") == "cuda_ipc":
+        return TensorUpdateRequest.model_validate_json(raw)
+    return PathUpdateRequest.model_validate_json(raw)
 
 
 class UpdateAccepted(BaseModel):

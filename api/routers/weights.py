@@ -25,6 +25,7 @@ from api.schemas import (
     VersionList,
     VersionSummary,
     error_responses,
+    update_request,
 )
 from orchestrator.errors import (
     BadRequest,
@@ -119,7 +120,7 @@ async def post_update(
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     pipeline = core.pipeline
     if content_type == "application/json":
-        body = UpdateRequest.model_validate_json(await _json_bytes(request))
+        body = update_request(await _json_bytes(request))
         if isinstance(body.source, TensorSource):
             # Copies the trainer's buckets before answering: the trainer frees them then.
             record, _created = await run_in_threadpool(
