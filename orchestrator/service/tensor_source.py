@@ -138,7 +138,8 @@ def copy_buckets(
         # Before the mappings close, and before the answer lets the trainer free its buffers.
         for d in cuda_devices:
             torch.cuda.synchronize(d)
-    failpoints.hit("ipc.copied")
+        # Tests kill the trainer here, while its buffers are still mapped.
+        failpoints.hit("ipc.copied")
     if not exporters.running(exporter["pid"], exporter["start_time"]):
         raise SourceNotAllowed(
             f"the exporting process {exporter['pid']} exited before the copy ended, so its "
