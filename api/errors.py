@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from orchestrator.errors import RefitError
+from orchestrator.errors import RefitError, TooBusy
 
 log = logging.getLogger("refitd.api")
 
@@ -31,8 +31,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _refit_error(_: Request, exc: RefitError) -> JSONResponse:
         if exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooBusy) else None
         return JSONResponse(
-            status_code=exc.status_code, content={"detail": exc.message, **exc.extra}
+            status_code=exc.status_code,
+            content={"detail": exc.message, **exc.extra},
+            headers=headers,
         )
 
     @app.exception_handler(redis.ConnectionError)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,12 +23,110 @@ class PathSource(_Strict):
     )  # fmt: skip
 
 
-class UpdateRequest(_Strict):
-    source: PathSource
+_Count = Annotated[int, Field(ge=0, le=2**62)]
+_Blob = Annotated[str, Field(max_length=1024, description="base64")]
+
+
+class TensorEntry(_Strict):
+    """Where one tensor lies in its bucket (orchestrator/data/flat.py's layout: back to back,
+    itemsize descending then name)."""
+
+    name: str = Field(..., min_length=1, max_length=1024)
+    dtype: str = Field(..., min_length=1, max_length=16, description="safetensors' name: BF16...")
+    shape: list[_Count] = Field(..., max_length=8)
+    offset: _Count
+    nbytes: _Count
+
+
+class CudaHandle(_Strict):
+    """A CUDA IPC handle of a bucket (torch's CUDA IPC arguments, as orchestrator/data/ipc.py
+    writes them)."""
+
+    kind: Literal["cuda"]
+    device: _Count
+    nbytes: _Count
+    tensor_offset: _Count
+    storage_handle: _Blob
+    storage_size_bytes: _Count
+    storage_offset_bytes: _Count
+    ref_counter_handle: _Blob
+    ref_counter_offset: _Count
+    event_handle: _Blob | None
+    event_sync_required: bool
+    device_uuid: str | None = Field(..., max_length=64)
+    pid: _Count
+
+
+class ShmHandle(_Strict):
+    """A bucket of CPU tensors in a shared-memory file (/dev/shm/refitd-*) of the exporter's."""
+
+    kind: Literal["shm"]
+    path: str = Field(..., min_length=1, max_length=4096)
+    nbytes: _Count
+    offset: _Count
+
+
+class TensorBucket(_Strict):
+    handle: CudaHandle | ShmHandle = Field(..., discriminator="kind")
+    tensors: list[TensorEntry] = Field(..., min_length=1, max_length=100_000)
+    digest: str = Field(
+        ..., max_length=128, description="The bucket's digest (kernels/digest.py + table hash)."
+    )
+
+
+class Exporter(_Strict):
+    """The process that exported the buckets; must be on the daemon's host, as its user."""
+
+    host: str = Field(..., max_length=255)
+    boot_id: str = Field(..., max_length=64)
+    uid: _Count
+    pid: _Count
+    start_time: _Count
+
+
+class TensorSource(_Strict):
+    type: Literal["cuda_ipc"]
+    exporter: Exporter
+    buckets: list[TensorBucket] = Field(
+        ..., min_length=1, max_length=4096,
+        description="Flat buckets of the trainer's tensors (CUDA IPC, or shared memory for CPU "
+        "tensors); the daemon copies them before it answers. Sent by refitd_client.",
+    )  # fmt: skip
+
+
+class _UpdateOptions(_Strict):
     label: str | None = Field(None, max_length=200, description="Free-form, e.g. the train step.")
     verify: bool | None = Field(
         None, description="Check against bf16 reference logits (default: verification.enabled)."
     )
+
+
+class UpdateRequest(_UpdateOptions):
+    """The body of POST /weights/update as the OpenAPI document shows it. A request is validated
+    as the model of its source's type (`update_request`), so that an error names the field as
+    the client wrote it (source.mode, not source.path.mode)."""
+
+    source: PathSource | TensorSource = Field(..., discriminator="type")
+
+
+class PathUpdateRequest(_UpdateOptions):
+    source: PathSource
+
+
+class TensorUpdateRequest(_UpdateOptions):
+    source: TensorSource
+
+
+def update_request(raw: bytes) -> PathUpdateRequest | TensorUpdateRequest:
+    """Validate a JSON body of POST /weights/update (pydantic's ValidationError when invalid)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None  # the path model's own parse says what is wrong with it
+    source = data.get("source") if isinstance(data, dict) else None
+    if isinstance(source, dict) and source.get("type") == "cuda_ipc":
+        return TensorUpdateRequest.model_validate_json(raw)
+    return PathUpdateRequest.model_validate_json(raw)
 
 
 class UpdateAccepted(BaseModel):
@@ -118,6 +217,7 @@ _ERROR_DESCRIPTIONS = {
     413: "The body is over a configured limit.",
     415: "The body is not declared as JSON (Content-Type: application/json).",
     422: "The input is invalid; the detail says what to fix.",
+    429: "Too many updates from trainer tensors are held in memory; retry after Retry-After.",
     503: "Redis does not answer; if an update was recorded, the body names it.",
     507: "The data directory's filesystem is full; nothing was kept.",
 }

@@ -16,6 +16,17 @@ rollback to the previous version. Prints, with the floors measured in the same r
     eval "$(bash .gpu-kit/install.sh)" && PYTHONPATH=. python3 bench/e2e.py [--tp 2] [--scale 0.1]
 
 `--scale` shrinks the model (layers and widths) for a smoke test; `--dir` holds the checkpoints.
+
+The trainer row (`--trainer-pushes N`, default 3; 0 skips it): a separate trainer process makes
+the model's bf16 state dict on cuda:0 and pushes it through refitd_client (source cuda_ipc, no
+file anywhere) with wait=True, once to warm up and then N times, each once the previous
+artifact is durable; it reports POST to COMMITTED, the daemon's stage times and the bytes the
+daemon read through syscalls meanwhile (files and sockets: a path push reads the checkpoint).
+`--trainer-only` runs just that row (no checkpoints, no floors); with `--device cpu --model tiny`
+it is a CPU smoke test (shared memory instead of CUDA IPC):
+
+    PYTHONPATH=. python3 bench/e2e.py --trainer-only                       # on the GPU machine
+    PYTHONPATH=. python3 bench/e2e.py --trainer-only --device cpu --model tiny --trainer-pushes 2
 """
 
 from __future__ import annotations
@@ -48,7 +59,11 @@ FILES = 4
 STAGES = ("loading", "quantizing", "verifying", "writing", "rolling_out")
 
 
-def model_config(scale: float) -> dict[str, Any]:
+def model_config(scale: float, model: str = "qwen3-8b") -> dict[str, Any]:
+    if model != "qwen3-8b":
+        from bench.verify import MODELS
+
+        return dict(MODELS[model])
     if scale >= 1.0:
         return dict(QWEN3_8B)
     config = dict(QWEN3_8B)
@@ -262,6 +277,102 @@ def redis_url(rank_pid: int) -> str:
     raise SystemExit(f"rank agent {rank_pid} has no REFITD_REDIS__URL")
 
 
+# The trainer row ------------------------------------------------------------------------------
+def daemon_rchar(pid: int) -> int:
+    """Bytes process `pid` has read through read syscalls (files, page cache, sockets)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise SystemExit(f"/proc/{pid}/io has no rchar")
+
+
+def trainer_main(args: argparse.Namespace) -> None:
+    """The trainer process: its state dict on args.device, pushed through refitd_client."""
+    from orchestrator.model.synthetic import base_state
+    from refitd_client import Client
+
+    config = model_config(args.scale, args.model)
+    state = base_state(config, seed=0, device=args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    # A training step changes every tensor; one changed in place is enough for a new version.
+    stepped = sorted(state)[-1]
+    base = args.url
+    out: dict[str, Any] = {
+        "tensors": len(state),
+        "bytes": sum(t.numel() * t.element_size() for t in state.values()),
+    }
+    with Client(base, None) as client:
+        t0 = time.perf_counter()
+        warm = client.push(state, label="trainer-warmup")
+        out["warmup_s"] = time.perf_counter() - t0
+        wait_durable(base, warm["version"])
+        totals, stages, reads = [], {s: [] for s in STAGES}, []
+        for i in range(args.trainer_pushes):
+            state[stepped].mul_(1.0 + 1e-3)
+            before, read0 = stage_sums(base), daemon_rchar(args.daemon_pid)
+            t0 = time.perf_counter()
+            record = client.push(state, label=f"trainer-{i}")
+            elapsed = time.perf_counter() - t0
+            reads.append(daemon_rchar(args.daemon_pid) - read0)
+            after = stage_sums(base)
+            totals.append(elapsed)
+            for s in STAGES:
+                stages[s].append(after.get(s, 0.0) - before.get(s, 0.0))
+            spent = " ".join(f"{s} {stages[s][-1]:.3f}" for s in STAGES if stages[s][-1])
+            print(f"trainer push, version {record['version']}: {elapsed:.3f}s {spent}", flush=True)
+            wait_durable(base, record["version"])
+    out.update(all_s=totals, post_to_committed_s=statistics.median(totals),
+               stages_s={s: statistics.median(v) for s, v in stages.items()},
+               daemon_read_bytes=max(reads))  # fmt: skip
+    Path(args.trainer_out).write_text(json.dumps(out))
+
+
+def wait_durable(base: str, version: int) -> None:
+    """Until `version`'s artifact is durable (written after the commit, off the hot path)."""
+    t0 = time.perf_counter()
+    while not http("GET", f"{base}/weights/versions/{version}")[1].get("artifact"):
+        if time.perf_counter() - t0 > 180:
+            raise SystemExit(f"version {version}'s artifact: not durable in 180s")
+        time.sleep(0.05)
+
+
+def run_trainer(args: argparse.Namespace, base: str, daemon_pid: int) -> dict[str, Any]:
+    """The trainer row, from a separate process (the daemon maps that process's memory)."""
+    out = args.dir / "trainer.json"
+    out.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--as-trainer", "--url", base,
+               "--daemon-pid", str(daemon_pid), "--trainer-out", str(out),
+               "--trainer-pushes", str(args.trainer_pushes), "--scale", str(args.scale),
+               "--model", args.model, "--device", args.device]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0 or not out.exists():
+        raise SystemExit(f"the trainer process failed ({proc.returncode})")
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def report_trainer(t: dict[str, Any], args: argparse.Namespace) -> None:
+    where = "cuda_ipc" if args.device.startswith("cuda") else "shared memory"
+    print()
+    print(f"trainer push ({where}), {t['tensors']} tensors, {t['bytes'] / 1e9:.2f} GB bf16 "
+          f"on {args.device}, TP {args.tp}, verification on")  # fmt: skip
+    print(f"{'what':<52} {'seconds':>9}  note")
+    rows = [
+        (f"POST -> COMMITTED (median of {args.trainer_pushes})", t["post_to_committed_s"],
+         "target <= 0.5"),
+        *[(f"  stage {s}", v, "") for s, v in t["stages_s"].items() if v > 0],
+        ("first push (warm-up)", t["warmup_s"], ""),
+    ]  # fmt: skip
+    for name, value, note in rows:
+        print(f"{name:<52} {value:>9.3f}  {note}")
+    print(f"{'bytes the daemon read during a push (max)':<52} {t['daemon_read_bytes']:>9d}  "
+          "files and sockets; no checkpoint")  # fmt: skip
+    print("all trainer POST -> COMMITTED:", " ".join(f"{x:.3f}" for x in t["all_s"]))
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, f"e2e-trainer-tp{args.tp}.json").write_text(json.dumps(t, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", type=Path, default=Path("/tmp/refitd-bench"))
@@ -269,23 +380,36 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=5)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--keep", action="store_true", help="leave the daemon's data dir")
+    parser.add_argument("--model", default="qwen3-8b", help="qwen3-8b, or tiny for a smoke test")
+    parser.add_argument("--device", default="cuda:0", help="where the trainer's tensors live")
+    parser.add_argument("--trainer-pushes", type=int, default=3)
+    parser.add_argument("--trainer-only", action="store_true")
+    parser.add_argument("--as-trainer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--daemon-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--trainer-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.as_trainer:
+        trainer_main(args)
+        return
     # A `timeout` around the bench sends SIGTERM: stop the daemon and show its log all the same.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM"))
 
     from orchestrator.settings import Settings
 
     defaults = Settings(dev_mode=True)
-    config = model_config(args.scale)
+    config = model_config(args.scale, args.model)
     ckpt_root = args.dir / "checkpoints"
-    dirs = write_checkpoints(config, ckpt_root)
-    warm_page_cache(dirs)
-    bf16_bytes = sum(f.stat().st_size for f in dirs[0].glob("*.safetensors"))
-    # fp8 bytes of the linear weights ~ half their bf16 bytes; embeddings/lm_head stay bf16.
-    emb = 2 * config["vocab_size"] * config["hidden_size"] * 2
-    fp8_bytes = (bf16_bytes - emb) // 2 + emb
-    fl = floors(dirs[0], defaults.data_path.reader_threads, fp8_bytes)
-    floor_s = max(fl["read_pinned"], fl["h2d"]) + fl["d2d_fp8"]
+    if not args.trainer_only:
+        dirs = write_checkpoints(config, ckpt_root)
+        warm_page_cache(dirs)
+        bf16_bytes = sum(f.stat().st_size for f in dirs[0].glob("*.safetensors"))
+        # fp8 bytes of the linear weights ~ half their bf16 bytes; embeddings/lm_head stay bf16.
+        emb = 2 * config["vocab_size"] * config["hidden_size"] * 2
+        fp8_bytes = (bf16_bytes - emb) // 2 + emb
+        fl = floors(dirs[0], defaults.data_path.reader_threads, fp8_bytes)
+        floor_s = max(fl["read_pinned"], fl["h2d"]) + fl["d2d_fp8"]
+    args.dir.mkdir(parents=True, exist_ok=True)
 
     data_dir = args.dir / "data"
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -306,7 +430,7 @@ def main() -> None:
     }
     base = f"http://127.0.0.1:{port}"
     memory = GpuMemory()
-    mem_before = memory.used_mib()
+    mem_before = 0 if args.trainer_only else memory.used_mib()
     log_path = args.dir / "serve.log"
     log = open(log_path, "w")  # noqa: SIM115
     serve = subprocess.Popen(
@@ -314,6 +438,7 @@ def main() -> None:
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     results: dict[str, Any] = {}
+    trainer: dict[str, Any] = {}
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -327,6 +452,10 @@ def main() -> None:
                 raise SystemExit(f"serve did not come up; see {log_path}:\n"
                                  + log_path.read_text()[-3000:])  # fmt: skip
             time.sleep(0.2)
+        if args.trainer_only:
+            trainer = run_trainer(args, base, serve.pid)
+            results = {"trainer": trainer}
+            return
         memory.start()
         alive_keys = [f"refitd:rank:{r}:alive" for r in range(args.tp)]
         beats = HeartbeatGaps(redis_url(active["ranks"][0]["pid"]), alive_keys)
@@ -397,6 +526,8 @@ def main() -> None:
             "floors": fl,
             "floor_s": floor_s,
         }
+        if args.trainer_pushes > 0:
+            trainer = run_trainer(args, base, serve.pid)
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         try:
@@ -411,7 +542,10 @@ def main() -> None:
             shutil.copy(log_path, Path(out) / f"serve-tp{args.tp}.log")
         if not args.keep:
             shutil.rmtree(data_dir, ignore_errors=True)
-    report(results, args, bf16_bytes, fp8_bytes)
+        if trainer:
+            report_trainer(trainer, args)
+    if not args.trainer_only:
+        report(results, args, bf16_bytes, fp8_bytes)
 
 
 def report(r: dict[str, Any], args: argparse.Namespace, bf16_bytes: int, fp8_bytes: int) -> None:

@@ -6,8 +6,10 @@ ready); 2 bad usage or the daemon could not be reached. Errors print one line on
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import time
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -28,6 +30,7 @@ app = typer.Typer(
 class _Ctx:
     def __init__(self, url: str, token: str | None, timeout: float) -> None:
         self.url = url.rstrip("/")
+        self.token = token
         self.timeout = timeout
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
@@ -210,58 +213,60 @@ def push(
         float, typer.Option(help="Give up following after this many seconds (exit 1).")
     ] = 3600.0,
 ) -> None:
-    """Post an update and follow it to the end with a progress bar."""
+    """Post an update (through refitd_client) and follow it to the end with a progress bar."""
+    from refitd_client import Client, RefitdError, Refused, UpdateFailed
+
     c: _Ctx = ctx.obj
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    if upload:
-        if not source.is_file():
-            fail(f"--upload sends one .safetensors file; {source} is not a file")
-        params = {
-            **({"verify": str(verify).lower()} if verify is not None else {}),
-            **({"label": label} if label else {}),
-        }
-        with source.open("rb") as f:
-            accepted = c.request(
-                "POST", "/weights/update", ok=(202,), content=f, params=params,
-                headers={**headers, "Content-Type": "application/octet-stream"},
-            )  # fmt: skip
-    else:
-        body: dict[str, Any] = {"source": {"type": "path", "path": str(source.resolve())}}
-        if verify is not None:
-            body["verify"] = verify
-        if label:
-            body["label"] = label
-        accepted = c.request("POST", "/weights/update", ok=(202,), json=body, headers=headers)
-    typer.echo(f"update {accepted['update_id']}: version {accepted['version']}")
-    if not follow:
-        return
-    state = _follow(c, accepted["update_id"], follow_timeout)
-    if state["status"] != "succeeded":
-        fail(f"version {state['version']} {state['stage']}: {state['error']}", 1)
+    if upload and not source.is_file():
+        fail(f"--upload sends one .safetensors file; {source} is not a file")
+    client = Client(c.url, c.token, timeout_s=c.timeout, follow_timeout_s=follow_timeout)
+    try:
+        accepted = client.push_path(
+            source, label=label, verify=verify, wait=False, upload=upload,
+            idempotency_key=idempotency_key,
+        )  # fmt: skip
+        typer.echo(f"update {accepted['update_id']}: version {accepted['version']}")
+        if not follow:
+            return
+        show, display = _progress_display()
+        with display:
+            state = client.follow(accepted["update_id"], progress=show)
+    except UpdateFailed as exc:
+        fail(exc.detail, 1)
+    except Refused as exc:
+        fail(exc.detail, 1 if exc.status_code in (409, 422, 429, 503) else 2)
+    except RefitdError as exc:  # unreachable (2), or still running when following gave up (1)
+        fail(exc.detail, 2 if exc.update is None else 1)
+    finally:
+        client.close()
     typer.echo(f"version {state['version']} committed on every rank")
 
 
-def _follow(c: _Ctx, update_id: str, timeout_s: float) -> dict[str, Any]:
-    shown = 0
-    stage = ""
-    deadline = time.monotonic() + timeout_s
-    with typer.progressbar(length=100, label="queued".ljust(12), show_eta=False) as bar:
-        while True:
-            if time.monotonic() > deadline:
-                fail(f"update {update_id} is still {stage or 'queued'} after {timeout_s:g}s; "
-                     f"follow it with GET /weights/updates/{update_id}", 1)  # fmt: skip
-            state = c.request("GET", f"/weights/updates/{update_id}")
-            if state["stage"] != stage:
-                stage = state["stage"]
-                bar.label = printable(stage).ljust(12)
-            target = int(state["progress"] * 100)
-            if target > shown:
-                bar.update(target - shown)
-                shown = target
-            if state["status"] in ("succeeded", "failed"):
-                bar.render_progress()
-                return state
-            time.sleep(0.2)
+def _progress_display() -> tuple[
+    Callable[[dict[str, Any]], None], contextlib.AbstractContextManager[Any]
+]:
+    """A rich progress bar on a terminal; elsewhere (a log, a pipe) one line per stage."""
+    if not sys.stdout.isatty():
+        shown = [""]
+
+        def line(record: dict[str, Any]) -> None:
+            if record["stage"] != shown[0]:
+                shown[0] = record["stage"]
+                typer.echo(printable(record["stage"]))
+
+        return line, contextlib.nullcontext()
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("{task.description:<12}"), BarColumn(), TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )  # fmt: skip
+    task = bar.add_task("queued", total=1.0)
+
+    def update(record: dict[str, Any]) -> None:
+        bar.update(task, description=printable(record["stage"]), completed=record["progress"])
+
+    return update, bar
 
 
 if __name__ == "__main__":

@@ -66,6 +66,17 @@ class PayloadTooLarge(RefitError):
     status_code = 413
 
 
+class TooBusy(RefitError):
+    """The daemon holds as many in-memory updates as it may (each a copy of the whole model):
+    nothing was recorded; send it again after `retry_after_s` seconds."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after_s: int, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.retry_after_s = retry_after_s
+
+
 class InsufficientStorage(RefitError):
     """The filesystem of the data directory is full (ENOSPC, EDQUOT): nothing was kept."""
 

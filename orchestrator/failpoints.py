@@ -6,7 +6,9 @@ then a point costs one dict lookup.
     REFITD_FAILPOINTS="artifact.background=wait-file:/tmp/go"    wait there until /tmp/go exists
 
 Points: `artifact.background` (a committed version's artifact is about to be written after its
-commit, service/artifact_writer.py).
+commit, service/artifact_writer.py); `pipeline.loading` (an update's first stage begins,
+service/stages.py); `ipc.copied` (the door has copied a trainer's tensors, still holds their
+mappings, and has not yet checked that the trainer still runs, service/tensor_source.py).
 """
 
 from __future__ import annotations

@@ -87,6 +87,7 @@ class LimitSettings(_Section):
     max_tensors: int = Field(20_000, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
     queue_depth: int = Field(4, ge=0)
+    tensor_updates_waiting: int = Field(1, ge=1)
 
 
 class QuantizationSettings(_Section):

@@ -18,7 +18,7 @@ def _module(path: Path) -> str:
 
 
 def _ours(name: str) -> bool:
-    return name.split(".")[0] in {"api", "orchestrator", "kernels"}
+    return name.split(".")[0] in {"api", "orchestrator", "kernels", "refitd_client"}
 
 
 def _imports(package: str) -> dict[str, set[str]]:
@@ -65,6 +65,8 @@ RULES = [
             *LEAVES,
         ),
     ),
+    # The client runs in trainers: the data layer (flat buckets, IPC) and nothing of the service.
+    ("refitd_client", ("refitd_client", "orchestrator.data", "kernels", *LEAVES)),
     ("orchestrator.errors", ()),
     ("orchestrator.text", ()),
 ]
@@ -87,6 +89,16 @@ def test_nothing_below_the_api_imports_it() -> None:
     for package in ("orchestrator", "kernels"):
         for module, names in _imports(package).items():
             assert not any(_within(n, ("api",)) for n in names), module
+
+
+def test_only_refitctl_uses_the_client() -> None:
+    users = {
+        module
+        for package in ("api", "orchestrator", "kernels")
+        for module, names in _imports(package).items()
+        if any(_within(n, ("refitd_client",)) for n in names)
+    }
+    assert users == {"orchestrator.ctl"}
 
 
 def _imports_of_file(module: str) -> set[str]:

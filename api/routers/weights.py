@@ -17,6 +17,7 @@ from api.schemas import (
     ActiveState,
     RollbackRequest,
     RollbackResult,
+    TensorSource,
     UpdateAccepted,
     UpdateRequest,
     UpdateState,
@@ -24,6 +25,7 @@ from api.schemas import (
     VersionList,
     VersionSummary,
     error_responses,
+    update_request,
 )
 from orchestrator.errors import (
     BadRequest,
@@ -41,8 +43,9 @@ _REDIS_DOWN: tuple[type[BaseException], ...] = (RedisUnavailable, *REDIS_DOWN)
 UPLOAD_TYPES = ("application/octet-stream", "application/x-safetensors")
 # Uploads are written to disk in chunks of this size, off the event loop.
 _WRITE_CHUNK = 8 * 2**20
-# A JSON request names a path or a version: a few hundred bytes. Past this it is not one of ours,
-# and reading it whole would let a client fill the daemon's memory.
+# A JSON request names a path or a version (a few hundred bytes), or a trainer's tensor table
+# (about 150 bytes a tensor: several thousand fit). Past this it is not one of ours, and reading
+# it whole would let a client fill the daemon's memory.
 MAX_JSON_BYTES = 2**20
 
 _ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 503)
@@ -58,6 +61,12 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
         if isinstance(node, dict):
             if "$ref" in node:
                 return walk(defs[node["$ref"].removeprefix("#/$defs/")])
+            if "discriminator" in node:
+                # Its mapping names '$defs' too; the inlined oneOf's `const` types say the same.
+                node = {
+                    **node,
+                    "discriminator": {"propertyName": node["discriminator"]["propertyName"]},
+                }
             return {key: walk(value) for key, value in node.items()}
         if isinstance(node, list):
             return [walk(value) for value in node]
@@ -89,7 +98,7 @@ def _status_url(request: Request, update_id: str) -> str:
     "/update",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=UpdateAccepted,
-    responses={200: {"model": UpdateState}, **_ERRORS, **error_responses(507)},
+    responses={200: {"model": UpdateState}, **_ERRORS, **error_responses(429, 507)},
     openapi_extra=_UPDATE_BODY,
 )
 async def post_update(
@@ -101,7 +110,8 @@ async def post_update(
     verify: Annotated[bool | None, Query(description="Uploads only.")] = None,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Any:
-    """A new version from a safetensors path (JSON body) or upload (octet-stream body).
+    """A new version from a safetensors path or a trainer's tensors on this host (JSON body),
+    or an upload (octet-stream body).
 
     Answers 202 with where to follow it; with `?wait=true`, answers once the update is final:
     200 committed, 422 rejected (bad content or failed verification), 409 aborted (a rank failed).
@@ -110,14 +120,24 @@ async def post_update(
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     pipeline = core.pipeline
     if content_type == "application/json":
-        body = UpdateRequest.model_validate_json(await _json_bytes(request))
-        record, _created = await run_in_threadpool(
-            pipeline.submit_path,
-            body.source.path,
-            label=body.label,
-            verify=body.verify,
-            idempotency_key=idempotency_key,
-        )
+        body = update_request(await _json_bytes(request))
+        if isinstance(body.source, TensorSource):
+            # Copies the trainer's buckets before answering: the trainer frees them then.
+            record, _created = await run_in_threadpool(
+                pipeline.submit_tensors,
+                body.source.model_dump(),
+                label=body.label,
+                verify=body.verify,
+                idempotency_key=idempotency_key,
+            )
+        else:
+            record, _created = await run_in_threadpool(
+                pipeline.submit_path,
+                body.source.path,
+                label=body.label,
+                verify=body.verify,
+                idempotency_key=idempotency_key,
+            )
     elif content_type in UPLOAD_TYPES:
         record = await _receive_upload(request, core, label, verify, idempotency_key)
     else:

@@ -311,15 +311,16 @@ def _str(handle: dict[str, Any], key: str) -> str:
 
 
 @contextmanager
-def open_handle(handle: dict[str, Any]) -> Iterator[torch.Tensor]:
+def open_handle(handle: dict[str, Any], *, owner_uid: int | None = None) -> Iterator[torch.Tensor]:
     """Yield a uint8 tensor over the exporter's bytes (CUDA: on the exporter's GPU, whatever
     index this process gives it; shm: a CPU mapping); copy what you need out of it before the
-    block ends. Raises HandleUnavailable (never blocks) when the buffer cannot be opened."""
+    block ends. Raises HandleUnavailable (never blocks) when the buffer cannot be opened, or
+    (`owner_uid`) when a shared-memory file belongs to another user."""
     if not isinstance(handle, dict):
         raise HandleUnavailable(f"a handle is a dict, got {type(handle).__name__}")
     kind = handle.get("kind")
     if kind == "shm":
-        opened = _open_shm(handle)
+        opened = _open_shm(handle, owner_uid)
     elif kind == "cuda":
         opened = _open_cuda(handle)
     else:
@@ -331,7 +332,7 @@ def open_handle(handle: dict[str, Any]) -> Iterator[torch.Tensor]:
         del opened
 
 
-def _open_shm(handle: dict[str, Any]) -> torch.Tensor:
+def _open_shm(handle: dict[str, Any], owner_uid: int | None = None) -> torch.Tensor:
     nbytes = _int(handle, "nbytes")
     offset = _int(handle, "offset")
     path = _str(handle, "path")
@@ -350,6 +351,10 @@ def _open_shm(handle: dict[str, Any]) -> torch.Tensor:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise HandleUnavailable(f"{path} is not a regular file")
+        if owner_uid is not None and st.st_uid != owner_uid:
+            raise HandleUnavailable(
+                f"{path} belongs to uid {st.st_uid}, not to the exporter's uid {owner_uid}"
+            )
         if st.st_size < offset + nbytes:
             raise HandleUnavailable(
                 f"{path} holds {st.st_size} bytes, the handle wants [{offset}, {offset + nbytes})"

@@ -13,6 +13,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.rollout.coordinator import Coordinator
 from orchestrator.rollout.lock import UpdateLock
 from orchestrator.service.model_spec import ModelSpec
+from orchestrator.service.staged import StagedSources
 from orchestrator.service.stages import UpdateStages
 from orchestrator.service.submission import Submissions
 from orchestrator.service.updates import UpdateQueue
@@ -38,11 +39,15 @@ class UpdatePipeline:
         model: ModelSpec | None,
     ) -> None:
         self.queue = queue
-        self.submissions = Submissions(settings, queue, model)
+        # Trainer tensors copied at the door, waiting for the pipeline (service/staged.py).
+        self.staged = StagedSources(settings.limits.tensor_updates_waiting)
         self.stages = UpdateStages(
             settings=settings, queue=queue, versions=versions, artifacts=artifacts,
-            coordinator=coordinator, metrics=metrics, model=model,
+            coordinator=coordinator, metrics=metrics, model=model, staged=self.staged,
         )  # fmt: skip
+        self.submissions = Submissions(
+            settings, queue, model, staged=self.staged, device=self.stages.device
+        )
         self.worker = UpdateWorker(
             settings=settings, queue=queue, versions=versions, stages=self.stages,
             lock_factory=lock_factory, metrics=metrics,
@@ -51,6 +56,7 @@ class UpdatePipeline:
         self.submit_path = self.submissions.submit_path
         self.open_upload = self.submissions.open_upload
         self.submit_upload = self.submissions.submit_upload
+        self.submit_tensors = self.submissions.submit_tensors
         self.hold = self.worker.hold
         self.forget_drift_baseline = self.stages.forget_drift_baseline
 

@@ -6,17 +6,23 @@ Every recovery rule lives here, in the order they run:
 2. Drive every open transaction to its recorded decision: a COMMIT still waiting for acks is
    re-sent (its ranks got it with the decision; ranks that restart load the active version by
    themselves); no decision recorded: abort (which tells the ranks and closes it).
-3. Versions caught mid-pipeline (RECEIVED, QUANTIZED, VERIFIED, PREPARED) become ABORTED with the
+3. Updates whose source lived only in the dead daemon's memory (a trainer's tensors, copied
+   at the door, service/tensor_source.py) and whose version was not committed: no daemon can
+   run or finish them. Their version becomes ABORTED and the update says that its in-memory
+   source was lost (push it again); they leave the queue.
+4. Versions caught mid-pipeline (RECEIVED, QUANTIZED, VERIFIED, PREPARED) become ABORTED with the
    reason "daemon restarted": no pipeline is running to finish them. Acknowledged updates that
    had not started yet (their version still RECEIVED, their id still queued) are spared.
-4. The queue: an update that was running when the daemon died is re-queued if its version had
+5. The queue: an update that was running when the daemon died is re-queued if its version had
    not changed yet, else closed with its version's outcome.
-5. Durability: if the active version's artifact is not durable (the daemon died after its
+6. Durability: if the active version's artifact is not durable (the daemon died after its
    commit and before the background write ended, see service/artifact_writer.py), every rank
    returns to the previous committed version, whose artifact is durable and which the ranks
    hold resident, by a recorded rollback. The version becomes ROLLED_BACK with the reason, and
-   its update says so: nothing acknowledged is lost silently.
-6. Prune artifacts that no rollback can use.
+   its update says so: nothing acknowledged is lost silently. An update from an in-memory
+   source is then ABORTED (its bytes existed nowhere but in the daemon's memory and on the
+   ranks that were sent back).
+7. Prune artifacts that no rollback can use.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from orchestrator.errors import RefitError, StaleTransition
 from orchestrator.rollout.coordinator import Coordinator
 from orchestrator.rollout.lock import UpdateLock
 from orchestrator.service.stages import drop_upload
-from orchestrator.service.updates import Stage, UpdateQueue
+from orchestrator.service.tensor_source import TENSOR_SOURCE
+from orchestrator.service.updates import Stage, UpdateQueue, UpdateRecord
 from orchestrator.state.artifacts import ArtifactStore
 from orchestrator.state.versions import (
     EVER_COMMITTED,
@@ -47,6 +54,16 @@ NOT_DURABLE_REASON = (
     "the daemon stopped after committing version {version} and before its artifact was durable; "
     "every rank went back to version {target}; push the update again"
 )
+SOURCE_LOST_REASON = (
+    "the daemon stopped before this update was committed, and its in-memory source (the "
+    "daemon's copy of the trainer's tensors) was lost with it; nothing was applied; push the "
+    "update again"
+)
+NOT_DURABLE_SOURCE_LOST_REASON = (
+    "the daemon stopped after committing version {version} and before its artifact was "
+    "durable, and its in-memory source (the daemon's copy of the trainer's tensors) was lost "
+    "with it; every rank went back to version {target}; push the update again"
+)
 # Versions are only ever stuck near the top: one pipeline runs at a time, and every start
 # recovers the ones a crash left behind. This bounds the scan on a long history.
 _SCAN_VERSIONS = 1000
@@ -59,6 +76,7 @@ class RecoveryReport:
     transactions: list[dict[str, Any]] = field(default_factory=list)
     not_durable: dict[str, Any] | None = None
     aborted_versions: list[int] = field(default_factory=list)
+    sources_lost: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     pruned: list[int] = field(default_factory=list)
 
@@ -67,6 +85,7 @@ class RecoveryReport:
             "transactions": self.transactions,
             "not_durable": self.not_durable,
             "aborted_versions": self.aborted_versions,
+            "sources_lost": self.sources_lost,
             "requeued": self.requeued,
             "pruned": self.pruned,
         }
@@ -87,6 +106,7 @@ def recover(
         report.transactions = coordinator.settle_open(
             fence=fence, wait=False, reason=f"{RESTART_REASON} before a decision"
         )
+        report.sources_lost = _abort_lost_sources(queue, versions)
         spare = _unstarted(queue, versions)
         for record in versions.list(limit=_SCAN_VERSIONS):
             if record.status not in IN_FLIGHT:
@@ -105,6 +125,9 @@ def recover(
         report.pruned = coordinator.retention.prune()
     finally:
         lock.release()
+    if report.sources_lost:
+        log.warning("recovery: aborted %d update(s) whose in-memory source was lost: %s",
+                    len(report.sources_lost), ", ".join(report.sources_lost))  # fmt: skip
     if report.transactions or report.aborted_versions or report.not_durable:
         log.warning("recovery: settled %d transaction(s), aborted version(s) %s%s",
                     len(report.transactions), report.aborted_versions or "none",
@@ -119,7 +142,7 @@ def _restore_durable(
     queue: UpdateQueue,
     fence: int,
 ) -> dict[str, Any] | None:
-    """Rule 5: no rank may stay on a version whose bytes are nowhere durable."""
+    """Rule 6: no rank may stay on a version whose bytes are nowhere durable."""
     active = coordinator.ledger.active_version()
     if active is None or artifacts.exists(active):
         return None
@@ -130,14 +153,44 @@ def _restore_durable(
         log.error("version %d is active but its artifact is not durable, and no durable version "
                   "precedes it; ranks cannot load it after a restart", active)  # fmt: skip
         return {"version": active, "target": None, "reason": "no durable version to return to"}
-    reason = NOT_DURABLE_REASON.format(version=active, target=target)
-    coordinator.restore(target, fence=fence, reason=reason)
     update_id = versions.get(active).update_id
+    record: UpdateRecord | None = None
     if update_id:
         with contextlib.suppress(RefitError):
-            queue.annotate(update_id, error=reason)
-            drop_upload(queue.get(update_id))
+            record = queue.get(update_id)
+    in_memory = record is not None and record.source.get("type") == TENSOR_SOURCE
+    template = NOT_DURABLE_SOURCE_LOST_REASON if in_memory else NOT_DURABLE_REASON
+    reason = template.format(version=active, target=target)
+    coordinator.restore(target, fence=fence, reason=reason)
+    if record is not None:
+        with contextlib.suppress(RefitError):
+            if in_memory:
+                queue.finish(record.update_id, ok=False, stage=Stage.ABORTED, error=reason)
+            else:
+                queue.annotate(record.update_id, error=reason)
+                drop_upload(record)
     return {"version": active, "target": target, "reason": reason}
+
+
+def _abort_lost_sources(queue: UpdateQueue, versions: VersionStore) -> list[str]:
+    """Rule 3; returns the ids of the updates closed."""
+    lost = []
+    for update_id in queue.queued() + queue.running():
+        record = queue.get(update_id)
+        if record.source.get("type") != TENSOR_SOURCE:
+            continue
+        if versions.get(record.version).status in EVER_COMMITTED:
+            continue  # committed before the stop: rule 5 closes it, rule 6 says the rest
+        with contextlib.suppress(StaleTransition):
+            versions.transition(record.version, VersionStatus.ABORTED, reason=SOURCE_LOST_REASON)
+        final = versions.get(record.version)
+        if final.status is VersionStatus.REJECTED:  # its content was refused before the stop
+            queue.finish(update_id, ok=False, stage=Stage.REJECTED, error=final.reason)
+        else:
+            queue.finish(update_id, ok=False, stage=Stage.ABORTED, error=SOURCE_LOST_REASON)
+        queue.remove(update_id)
+        lost.append(update_id)
+    return lost
 
 
 def _unstarted(queue: UpdateQueue, versions: VersionStore) -> set[int]:
@@ -151,7 +204,7 @@ def _unstarted(queue: UpdateQueue, versions: VersionStore) -> set[int]:
 
 
 def _recover_queue(queue: UpdateQueue, versions: VersionStore) -> list[str]:
-    """Rule 4; returns the ids re-queued."""
+    """Rule 5; returns the ids re-queued."""
     requeued = []
     for update_id in queue.running():
         record = queue.get(update_id)

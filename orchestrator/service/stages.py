@@ -24,15 +24,18 @@ from typing import Any
 import torch
 
 from kernels.finite import find_non_finite
+from orchestrator import failpoints
 from orchestrator.data.files import StagingPool, read_safetensors
 from orchestrator.data.flat import FlatShard, pack
-from orchestrator.errors import InvalidUpdate
+from orchestrator.errors import InvalidUpdate, RefitError
 from orchestrator.metrics import Metrics
 from orchestrator.rollout.coordinator import Coordinator
 from orchestrator.service.artifact_writer import ArtifactWriter
 from orchestrator.service.model_spec import ModelSpec
 from orchestrator.service.sources import check_header, inspect_files
+from orchestrator.service.staged import StagedSources, tensors_of
 from orchestrator.service.submission import source_files
+from orchestrator.service.tensor_source import TENSOR_SOURCE
 from orchestrator.service.updates import Stage, UpdateQueue, UpdateRecord
 from orchestrator.settings import Settings
 from orchestrator.state.artifacts import ArtifactStore, layout_record
@@ -56,8 +59,10 @@ class UpdateStages:
         coordinator: Coordinator,
         metrics: Metrics,
         model: ModelSpec | None,
+        staged: StagedSources,
     ) -> None:
         self.settings = settings
+        self.staged = staged
         self.queue = queue
         self.versions = versions
         self.artifacts = artifacts
@@ -101,17 +106,20 @@ class UpdateStages:
         version = record.version
         self.timings = {}
         with self._stage(record, Stage.LOADING):
-            files = source_files(self.settings, record.source, record.update_id)
-            # Re-checked here: a path source may have changed since it was accepted.
-            header = inspect_files(files, max_tensors=self.settings.limits.max_tensors)
-            check_header(header, model.expected)
-            loaded = read_safetensors(
-                files.files,
-                device=self.device,
-                pool=self.pool,
-                threads=self.settings.data_path.reader_threads,
-            )
-            state = loaded.tensors
+            failpoints.hit("pipeline.loading")
+            if record.source["type"] == TENSOR_SOURCE:
+                state = self._staged_state(record)
+            else:
+                files = source_files(self.settings, record.source, record.update_id)
+                # Re-checked here: a path source may have changed since it was accepted.
+                header = inspect_files(files, max_tensors=self.settings.limits.max_tensors)
+                check_header(header, model.expected)
+                state = read_safetensors(
+                    files.files,
+                    device=self.device,
+                    pool=self.pool,
+                    threads=self.settings.data_path.reader_threads,
+                ).tensors
             bad = find_non_finite(state)
             if bad:
                 raise InvalidUpdate(f"NaN or Inf in {some(bad)}; nothing was applied")
@@ -139,7 +147,7 @@ class UpdateStages:
         if self.settings.verification.drift.enabled:
             self._previous_bf16 = {n: t.to(torch.bfloat16) for n, t in state.items()}
         # The bf16 update is no longer needed: free it before the ranks stage their copies.
-        del state, loaded
+        del state
 
         metadata = {"label": record.label or "", "tp_size": str(plan.tp_size)}
         # At most one version without durable bytes: the previous one's write must be done.
@@ -169,6 +177,17 @@ class UpdateStages:
             )  # fmt: skip
         log.info("version %d committed on %d ranks (%s)", version, plan.tp_size,
                  ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items()))  # fmt: skip
+
+    def _staged_state(self, record: UpdateRecord) -> dict[str, torch.Tensor]:
+        """A tensor source's copy, made at the door on this device: no disk, no second copy."""
+        shards = self.staged.take(record.update_id)
+        if shards is None:
+            # Recovery aborts such updates after a restart; a running daemon never loses one.
+            raise RefitError(
+                f"the in-memory source of update {record.update_id} is not held by this daemon; "
+                "push the update again"
+            )
+        return dict(tensors_of(shards))
 
     def _needs_artifact_first(self) -> bool:
         """Whether the durability rule wants the artifact before the rollout: no durable

@@ -11,10 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from orchestrator.errors import BadRequest, Conflict
+from orchestrator.service import tensor_source
 from orchestrator.service.model_spec import ModelSpec
 from orchestrator.service.sources import (
     UploadSink,
@@ -23,6 +27,7 @@ from orchestrator.service.sources import (
     inspect_files,
     resolve_path_source,
 )
+from orchestrator.service.staged import StagedSources
 from orchestrator.service.updates import UpdateQueue, UpdateRecord
 from orchestrator.settings import Settings
 
@@ -35,10 +40,20 @@ def request_digest(body: dict[str, Any]) -> str:
 class Submissions:
     """The door: validate, then enqueue (or replay)."""
 
-    def __init__(self, settings: Settings, queue: UpdateQueue, model: ModelSpec | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        queue: UpdateQueue,
+        model: ModelSpec | None,
+        *,
+        staged: StagedSources,
+        device: torch.device,
+    ) -> None:
         self.settings = settings
         self.queue = queue
         self.model = model
+        self.staged = staged
+        self.device = device
         self.uploads_dir = settings.resolved_data_dir() / "uploads"
 
     def require_model(self) -> ModelSpec:
@@ -78,6 +93,49 @@ class Submissions:
             idempotency_key=idempotency_key,
             body_digest=digest,
         )
+
+    def submit_tensors(
+        self,
+        source: dict[str, Any],
+        *,
+        label: str | None,
+        verify: bool | None,
+        idempotency_key: str | None,
+    ) -> tuple[UpdateRecord, bool]:
+        """A trainer's tensors on this host (service/tensor_source.py): checked, copied into
+        the daemon's memory, then enqueued; the copy waits in `staged` for the pipeline."""
+        verify = self.settings.verification.enabled if verify is None else verify
+        digest = request_digest({"source": source, "label": label, "verify": verify})
+        replay = self._replay(idempotency_key, digest)
+        if replay is not None:
+            return replay, False
+        model = self.require_model()
+        tensor_source.check_exporter(source["exporter"])
+        tables = tensor_source.bucket_tables(
+            source["buckets"], max_tensors=self.settings.limits.max_tensors
+        )
+        check_header(tensor_source.header_of(tables), model.expected)
+        update_id = uuid.uuid4().hex
+        self.staged.reserve(update_id)
+        try:
+            shards = tensor_source.copy_buckets(source, tables, device=self.device)
+            # Before the queue: the worker may take the update the moment it is queued.
+            self.staged.fill(update_id, shards)
+            del shards
+            record, created = self.queue.submit(
+                source=tensor_source.recorded(source, tables),
+                label=label,
+                verify=verify,
+                idempotency_key=idempotency_key,
+                body_digest=digest,
+                update_id=update_id,
+            )
+        except BaseException:
+            self.staged.drop(update_id)
+            raise
+        if not created:  # the same key and body, recorded meanwhile by another request
+            self.staged.drop(update_id)
+        return record, created
 
     def open_upload(self) -> UploadSink:
         self.require_model()

@@ -276,6 +276,13 @@ class UpdateQueue:
     def done(self, update_id: str) -> None:
         self._r.lrem(self._keys.update_running, 0, update_id)
 
+    def remove(self, update_id: str) -> None:
+        """Take an update off the queue and the running list (recovery closed it)."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.lrem(self._keys.update_queue, 0, update_id)
+        pipe.lrem(self._keys.update_running, 0, update_id)
+        pipe.execute()
+
     def stuck(self, limit_s: float, *, now: float | None = None) -> UpdateRecord | None:
         """The running update, if it started more than `limit_s` seconds ago and is not final."""
         now = time.time() if now is None else now

@@ -152,6 +152,7 @@ class UpdateWorker:
             self.metrics.updates.labels("committed").inc()
             return
         drop_upload(record)
+        self.stages.staged.drop(record.update_id)
         self.queue.finish(record.update_id, ok=False, stage=stage, error=message)
         self.metrics.updates.labels(outcome).inc()
         log.warning("version %d %s: %s", record.version, stage.value, message)
