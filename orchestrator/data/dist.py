@@ -105,6 +105,8 @@ class Link:
         self.backend = backend
         self.device = device
         self.group = group
+        # What the last transfer allocated for staging (0 when it moved views of the buffer).
+        self.staging_bytes = 0
         self._closed = False
 
     @classmethod
@@ -141,6 +143,11 @@ class Link:
             raise TransferFailed(f"group {group} could not be formed: {exc}") from None
         return cls(pg, backend=backend, device=on, group=group)
 
+    @property
+    def process_group(self) -> Any:
+        """The underlying process group (bench/transfer.py measures its own send/recv)."""
+        return self._pg
+
     # Moving bytes ---------------------------------------------------------------------------
     def send(
         self,
@@ -158,14 +165,14 @@ class Link:
         header = torch.tensor(
             [MAGIC, version, buffer.numel(), bucket_bytes], dtype=torch.int64, device=self.device
         )
-        self._wait(self._pg.send([header], RECEIVER, _HEADER_TAG), deadline, "the header")
+        self.wait(self._pg.send([header], RECEIVER, _HEADER_TAG), deadline, "the header")
         staging = self._staging(buffer, bucket_bytes, stage)
         pending: collections.deque[Any] = collections.deque()
         for i, (start, size) in enumerate(_buckets(buffer.numel(), bucket_bytes)):
             if stop is not None and stop.is_set():
                 raise TransferFailed("the transfer was cancelled")
             if len(pending) == _DEPTH:
-                self._wait(pending.popleft(), deadline, f"bucket {i - _DEPTH}")
+                self.wait(pending.popleft(), deadline, f"bucket {i - _DEPTH}")
             if staging:
                 # The slot's previous bucket was sent (waited for just above).
                 src = staging[i % _DEPTH][:size]
@@ -174,7 +181,7 @@ class Link:
                 src = buffer[start : start + size]
             pending.append(self._post(self._pg.send, RECEIVER, src, i))
         while pending:
-            self._wait(pending.popleft(), deadline, "the last buckets")
+            self.wait(pending.popleft(), deadline, "the last buckets")
 
     def recv_into(
         self,
@@ -191,7 +198,7 @@ class Link:
         the receive of the third is posted: gloo sends no further than the receives posted)."""
         _check_buffer(buffer, bucket_bytes)
         header = torch.zeros(4, dtype=torch.int64, device=self.device)
-        self._wait(self._pg.recv([header], SENDER, _HEADER_TAG), deadline, "the header")
+        self.wait(self._pg.recv([header], SENDER, _HEADER_TAG), deadline, "the header")
         expected = [MAGIC, version, buffer.numel(), bucket_bytes]
         got = header.tolist()
         if got != expected:
@@ -214,7 +221,7 @@ class Link:
             post(i)
         while pending:
             i, work, dst = pending.popleft()
-            self._wait(work, deadline, f"bucket {i}")
+            self.wait(work, deadline, f"bucket {i}")
             if staging:
                 start, size = buckets[i]
                 # Copied out before the slot takes bucket i + 2 (posted just below); the
@@ -240,9 +247,11 @@ class Link:
     ) -> list[torch.Tensor]:
         if stage is None:
             stage = buffer.device != self.device
+        self.staging_bytes = 0
         if not stage:
             return []
         size = min(bucket_bytes, buffer.numel())
+        self.staging_bytes = _DEPTH * size
         pin = self.device.type == "cpu" and torch.cuda.is_available()
         return [
             torch.empty(size, dtype=torch.uint8, device=self.device, pin_memory=pin)
@@ -256,7 +265,8 @@ class Link:
             # gloo raises at once when the peer's socket is already closed.
             raise TransferFailed(f"bucket {i}: {_first_line(exc)}") from None
 
-    def _wait(self, work: Any, deadline: float, what: str) -> None:
+    def wait(self, work: Any, deadline: float, what: str) -> None:
+        """Wait for one operation of this group until `deadline` (TransferFailed after it)."""
         try:
             if self.backend == "gloo":
                 work.wait(_remaining(deadline, what))
