@@ -142,12 +142,16 @@ class DistLinks:
         return None
 
     def finish(self, sends: list[DistSend], *, committed: bool) -> None:
-        """After the decision: keep the groups of a committed transaction whose sends finished;
-        drop every other one (the ranks drop theirs on ABORT), walking away from the sends."""
+        """After the decision: keep the groups of a committed transaction whose sends did not
+        fail; drop every other one (the ranks drop theirs on ABORT), walking away from the
+        sends."""
         with self._lock:
             for send in sends:
                 send.peer.last = send.task
-                if committed and send.task is not None and send.task.ok:
+                # A send may still be returning from its last wait although its rank has every
+                # byte (it acked): keep its group; the next plan reuses it only if it ended well.
+                failed = send.task is None or (send.task.done and send.task.error is not None)
+                if committed and not failed:
                     continue
                 send.stop.set()
                 if self._peers.get(send.rank) is send.peer:
