@@ -155,6 +155,11 @@ class RankState(BaseModel):
     rank: int
     version: int | None = None
     state: str | None = None
+    transport: str | None = Field(
+        None,
+        description="How the shard the rank serves arrived: cuda_ipc, shm, distributed/nccl, "
+        "distributed/gloo, artifact (read from disk) or http.",
+    )
 
 
 class VersionSummary(BaseModel):

@@ -105,11 +105,12 @@ def status(ctx: typer.Context) -> None:
     typer.echo(f"ready:          {'yes' if ready['ready'] else 'no'} ({reason})")
     rows = [
         [str(r["rank"]), str(r.get("version") or "-"), str(r.get("state") or "-"),
-         "yes" if r.get("alive") else "no", (r.get("digest") or "-")[:12]]
+         "yes" if r.get("alive") else "no", (r.get("digest") or "-")[:12],
+         printable(r.get("transport") or "-")]
         for r in active["ranks"]
     ]  # fmt: skip
     typer.echo("")
-    _table(["rank", "version", "state", "alive", "digest"], rows)
+    _table(["rank", "version", "state", "alive", "digest", "transport"], rows)
     if not ready["ready"]:
         raise typer.Exit(1)
 

@@ -68,8 +68,12 @@ class RankSettings(_Section):
     restart_backoff_s: float = Field(0.5, ge=0)
     fetch: Literal["auto", "path", "http"] = "auto"
     artifact_url: str | None = None
-    transport: Literal["auto", "ipc", "http"] = "auto"
+    transport: Literal["auto", "ipc", "distributed", "http"] = "auto"
     keep_previous: bool = True
+    # The `distributed` route (torch.distributed; configs/refitd.yaml says what each one means).
+    dist_host: str | None = None
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    dist_bucket_mb: float = Field(256, gt=0, le=4096)
 
 
 class DataPathSettings(_Section):

@@ -66,6 +66,19 @@ def test_refitd_and_every_rank_share_redis_and_tp_size() -> None:
     assert "gpu" in device["capabilities"], "the daemon quantizes and verifies on a GPU"
 
 
+def test_ranks_in_their_own_containers_can_take_the_distributed_route() -> None:
+    services = _compose()["services"]
+    assert services["refitd"]["environment"]["REFITD_RANKS__DIST_HOST"] == "refitd"
+    ranks = {n: s for n, s in services.items() if n.startswith("rank")}
+    for name, spec in ranks.items():
+        # Each advertises an address the daemon's NCCL/gloo can reach on the compose network.
+        assert spec["environment"]["REFITD_RANKS__DIST_HOST"] == name
+    remote = [n for n, s in ranks.items() if not s.get("volumes")]
+    assert remote, "one rank is set up as on another host (no shared artifact volume)"
+    for name in remote:
+        assert ranks[name]["environment"]["REFITD_RANKS__ARTIFACT_URL"] == "http://refitd:8470"
+
+
 def test_redis_persists_every_write() -> None:
     redis = _compose()["services"]["redis"]
     command = redis["command"]

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Leaf modules: they import nothing of ours, so any layer may use them.
-LEAVES = {"orchestrator.errors", "orchestrator.text"}
+LEAVES = {"orchestrator.errors", "orchestrator.text", "orchestrator.failpoints"}
 
 
 def _module(path: Path) -> str:
@@ -69,6 +69,7 @@ RULES = [
     ("refitd_client", ("refitd_client", "orchestrator.data", "kernels", *LEAVES)),
     ("orchestrator.errors", ()),
     ("orchestrator.text", ()),
+    ("orchestrator.failpoints", ()),
 ]
 
 

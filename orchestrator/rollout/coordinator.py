@@ -25,7 +25,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ from orchestrator.errors import (
 )
 from orchestrator.rollout.ledger import RolloutLedger, redis_errors
 from orchestrator.rollout.retention import Retention
-from orchestrator.rollout.routes import Routes
+from orchestrator.rollout.routes import RoutePlan, Routes
 from orchestrator.rollout.txn import (
     BEGIN,
     DECIDE,
@@ -149,8 +149,7 @@ class Coordinator:
                 self._versions.transition(version, _S.ABORTED, reason=reason)
                 raise RolloutAborted(f"rollout of version {version} aborted: {reason}") from None
             with routes:
-                return self._run(version, TxnKind.ROLLOUT, routes.entries, fence=fence,
-                                 prune=prune)  # fmt: skip
+                return self._run(version, TxnKind.ROLLOUT, routes, fence=fence, prune=prune)
 
     def rollback(
         self, to_version: int | None = None, *, fence: int, prune: bool = True
@@ -185,8 +184,7 @@ class Coordinator:
                 )
             self.settle_open(fence=fence, wait=True)
             with self.routes.plan(target, record, None) as routes:
-                return self._run(target, TxnKind.ROLLBACK, routes.entries, fence=fence,
-                                 prune=prune)  # fmt: skip
+                return self._run(target, TxnKind.ROLLBACK, routes, fence=fence, prune=prune)
 
     def restore(self, target: int, *, fence: int, reason: str) -> dict[str, Any]:
         """Recovery's rollback: make `target` (a version that was active, with a durable
@@ -259,11 +257,12 @@ class Coordinator:
         self,
         version: int,
         kind: TxnKind,
-        shards: list[dict[str, Any]],
+        routes: RoutePlan,
         *,
         fence: int,
         prune: bool,
     ) -> dict[str, Any]:
+        shards = routes.entries
         txn_id = f"v{version}-{secrets.token_hex(4)}"
         what = "rollout of" if kind == TxnKind.ROLLOUT else "rollback to"
         expected = {r: s["digest"] for r, s in enumerate(shards)}
@@ -273,6 +272,9 @@ class Coordinator:
         instances: dict[int, str] = {}
         trouble, _ = self._rank_trouble(set(range(self.tp_size)), instances)
         begin_epoch, from_version = self._begin(txn_id, version, kind, shards, fence=fence)
+        # Distributed sends start once the ranks have their PREPARE (whose entry names the
+        # group to join); they fail fast when a rank goes away mid-transfer.
+        routes.start()
         log.info("%s version %d: transaction %s, epoch %s", what, version, txn_id, begin_epoch)
         if trouble:
             # Begun all the same, so that the attempt and its abort are on record.
@@ -285,6 +287,7 @@ class Coordinator:
                 self._settings.rollout.prepare_deadline_s,
                 expected=expected,
                 instances=instances,
+                failure=routes.failure,
             )
         t_prepared = time.perf_counter()
         if acks.failure is not None:
@@ -297,6 +300,7 @@ class Coordinator:
                 frozenset({_S.PREPARED}) if kind == TxnKind.ROLLOUT else EVER_ACTIVE),
             previous_to=(_S.SUPERSEDED if kind == TxnKind.ROLLOUT else _S.ROLLED_BACK).value,
         )  # fmt: skip
+        routes.committed = True
         log.info("transaction %s: COMMIT at epoch %s", txn_id, epoch)
         done = self._await(
             txn_id,
@@ -408,13 +412,15 @@ class Coordinator:
         expected: dict[int, str] | None = None,
         stop_when_dead: bool = False,
         instances: dict[int, str] | None = None,
+        failure: Callable[[], str | None] | None = None,
     ) -> _Acks:
         """Wait for `phase` acks from `ranks` on the transaction's acks stream.
 
         In the prepare phase (`expected` given) the first FAILED ack, wrong digest, dead or
-        restarted rank (its incarnation differs from `instances`, or from the first look), or
-        the deadline is a failure. In the commit phase nothing fails: the wait ends at the
-        deadline, or early when every rank still owing an ack is dead.
+        restarted rank (its incarnation differs from `instances`, or from the first look), a
+        transport `failure()` (a distributed send that failed), or the deadline is a failure.
+        In the commit phase nothing fails: the wait ends at the deadline, or early when every
+        rank still owing an ack is dead.
         """
         stream = self._keys.txn_acks(txn_id)
         acks = _Acks(last_id=start, pending=set(ranks))
@@ -430,6 +436,10 @@ class Coordinator:
                 trouble, dead = self._rank_trouble(acks.pending, instances)
                 if trouble and expected is not None:
                     acks.failure = _why(trouble)
+                    return acks
+                broken = failure() if failure is not None else None
+                if broken is not None:
+                    acks.failure = broken
                     return acks
                 if stop_when_dead and dead == acks.pending:
                     return acks

@@ -72,6 +72,9 @@ class RolloutLedger:
                     "device": raw.get("device") or None,
                     "pid": opt_int(raw.get("pid")),
                     "host": raw.get("host") or None,
+                    # How the shard it serves arrived: cuda_ipc, shm, distributed/<backend>,
+                    # artifact (read from disk) or http.
+                    "transport": raw.get("transport") or None,
                 }
             )
         return {

@@ -12,15 +12,17 @@ Life of an agent:
 3. Serve commands from the stream, in order:
    - PREPARE: refused if its epoch is older than the current epoch (its transaction was decided
      while this agent was stopped or slow). Else receive this rank's shard by the route the
-     command names (rollout/receive.py: CUDA IPC, shared memory, the resident previous version,
-     or the artifact), check its digest on the device, stage it, and ack PREPARED with that
-     digest. The ack script refuses it, too, if a decision happened meanwhile; the staged shard
-     is then dropped.
+     command names (rollout/receive.py: CUDA IPC, shared memory, torch.distributed, the
+     resident previous version, or the artifact), check its digest on the device, stage it,
+     and ack PREPARED with that digest. The ack script refuses it, too, if a decision happened
+     meanwhile; the staged shard is then dropped. A distributed receive also stops as soon as
+     the transaction is decided.
    - COMMIT: refused if its epoch is older than that of the version held. The staged shard
      becomes active (the active one stays resident as the previous version) and the engine is
      told (adapters.py); or the version is loaded from its artifact, if this agent restarted
      after preparing. Ack COMMITTED. Repeats are acked again and change nothing.
-   - ABORT: drop the staged shard of that transaction.
+   - ABORT: drop the staged shard of that transaction (and the torch.distributed group that
+     brought it: the daemon drops its side after any abort).
 A command that fails on a Redis outage is retried until Redis answers again (logged once per
 outage).
 """
@@ -174,7 +176,9 @@ class RankAgent:
             self.keys.rank(self.rank),
             mapping={
                 "instance": self.instance, "pid": os.getpid(), "host": socket.gethostname(),
+                "dist_host": self.settings.ranks.dist_host or socket.gethostname(),
                 "device": device, "started_at": now, "state": RankState.STARTING,
+                "transport": "",
                 "version": "", "digest": "", "epoch": 0, "reason": "",
                 "previous_version": "", "previous_digest": "",
                 "staged_version": "", "staged_txn": "", "staged_digest": "",
@@ -299,7 +303,9 @@ class RankAgent:
         entry = shards[self.rank]
         try:
             layout, _ = self._version_record(version)
-            held = self.receiver.receive(version, entry, layout, self.slots)
+            held = self.receiver.receive(
+                version, entry, layout, self.slots, cancelled=lambda: self._decided(txn)
+            )
             self.slots.stage(held)
         except Exception as exc:
             # Whatever goes wrong while preparing is this rank's answer, not the agent's end.
@@ -357,7 +363,16 @@ class RankAgent:
             return
         self.slots.discard()
         self.staged_txn = None
+        self.receiver.dist.drop()
         self._publish_held()
+
+    def _decided(self, txn: str) -> str | None:
+        """The decision on `txn`, once there is one (a receive in progress then stops)."""
+        try:
+            decision = self.redis.hget(self.keys.txn(txn), "decision")
+        except _REDIS_DOWN:
+            return None
+        return f"transaction {txn} was decided: {decision}" if decision else None
 
     # Answers -------------------------------------------------------------------------------
     def _ack(self, txn: str, phase: RankPhase, epoch: int, digest: str, reason: str = "") -> None:
@@ -390,7 +405,12 @@ class RankAgent:
         self.redis.hset(self.keys.rank(self.rank), mapping={
             "previous_version": "" if previous is None else previous.version,
             "previous_digest": "" if previous is None else previous.digest,
+            "transport": self._transport(),
         })  # fmt: skip
+
+    def _transport(self) -> str:
+        active = self._slots.active if self._slots is not None else None
+        return active.via if active is not None else ""
 
     def _publish_held(self) -> None:
         active = self._slots.active if self._slots is not None else None
@@ -403,6 +423,7 @@ class RankAgent:
                 "digest": "" if active is None else active.digest, "epoch": self.epoch,
                 "previous_version": "" if previous is None else previous.version,
                 "previous_digest": "" if previous is None else previous.digest,
+                "transport": self._transport(),
                 "reason": "", "staged_version": "", "staged_txn": "", "staged_digest": "",
             },
         )  # fmt: skip

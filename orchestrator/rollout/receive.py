@@ -4,6 +4,8 @@ Routes (`via` in a PREPARE's per-rank entry; the coordinator picks them, see rol
 - `cuda_ipc`: the daemon's GPU buffer, opened by CUDA IPC and copied device-to-device;
 - `shm`: the daemon's buffer in shared memory (CPU ranks on the daemon's host), copied;
 - `resident`: the rank's own previous version (a rollback), no copy at all;
+- `distributed`: sent by the daemon over torch.distributed (NCCL or gloo; ranks on other hosts),
+  received in buckets straight into the staging slot (rollout/dist_recv.py);
 - `artifact`: the version's safetensors file on disk (when this host can read it and
   `ranks.fetch` allows) or streamed from `GET /artifacts/V/R` into place, never whole in
   Python bytes.
@@ -14,6 +16,7 @@ the rank may ack PREPARED.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +26,14 @@ from orchestrator.data.files import IterStream, StagingPool, read_shard
 from orchestrator.data.flat import FlatShard, empty_like_layout
 from orchestrator.data.ipc import open_handle
 from orchestrator.errors import InvalidUpdate, NotFound, RefitError
+from orchestrator.rollout.dist_recv import DistReceiver
 from orchestrator.rollout.slots import Held, ShardSlots
 from orchestrator.settings import Settings
 
 if TYPE_CHECKING:
     import httpx
+
+_HTTP_WHERE = "GET /artifacts"
 
 
 def artifact_base_url(settings: Settings) -> str:
@@ -57,17 +63,25 @@ class Receiver:
         self.device = torch.device(device)
         self._pool: StagingPool | None = None
         self._http: httpx.Client | None = None
+        self.dist = DistReceiver(rank, self.device, settings.ranks.dist_host)
 
     def close(self) -> None:
         if self._http is not None:
             self._http.close()
+        self.dist.drop()
 
     # The routes ---------------------------------------------------------------------------
     def receive(
-        self, version: int, entry: dict[str, Any], layout: dict[str, Any], slots: ShardSlots
+        self,
+        version: int,
+        entry: dict[str, Any],
+        layout: dict[str, Any],
+        slots: ShardSlots,
+        cancelled: Callable[[], str | None] | None = None,
     ) -> Held:
         """This rank's shard of `version`, checked against `entry["digest"]`. `layout` is this
-        rank's entry of the version's layout record ({digest, nbytes, table})."""
+        rank's entry of the version's layout record ({digest, nbytes, table}). `cancelled`
+        (a reason once the transaction is decided) lets a distributed receive stop early."""
         via = entry.get("via", "artifact")
         if via == "resident":
             held = slots.stage_previous(version)
@@ -97,13 +111,27 @@ class Receiver:
                 if self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
             where = f"the daemon's {via} buffer"
+        elif via == "distributed":
+            shard = empty_like_layout(
+                table, nbytes, self.device, out=slots.buffer_for(_padded(nbytes), self.device)
+            )
+            try:
+                self.dist.receive(entry, shard.buffer, version=version, cancelled=cancelled,
+                                  deadline_s=self.settings.rollout.prepare_deadline_s)  # fmt: skip
+            except BaseException:
+                # A transfer walked away from may still write into the buffer until its deadline.
+                slots.drop_spare()
+                raise
+            where = f"torch.distributed ({entry.get('backend')})"
+            via = f"distributed/{entry.get('backend')}"
         elif via == "artifact":
             shard, where = self._from_artifact(version, entry, table)
+            via = _artifact_via(where)
         else:
             raise InvalidUpdate(f"unknown route {via!r} for rank {self.rank}")
         digest = shard.digest()
         self._check(digest, entry["digest"], version, where)
-        return Held(version=version, shard=shard, digest=digest)
+        return Held(version=version, shard=shard, digest=digest, via=via)
 
     def load_artifact(self, version: int, entry: dict[str, Any], layout: dict[str, Any]) -> Held:
         """Version `version` from its stored artifact (start-up, or a commit not staged)."""
@@ -111,7 +139,7 @@ class Receiver:
         shard, where = self._from_artifact(version, entry, table)
         digest = shard.digest()
         self._check(digest, layout["digest"], version, where)
-        return Held(version=version, shard=shard, digest=digest)
+        return Held(version=version, shard=shard, digest=digest, via=_artifact_via(where))
 
     def _from_artifact(
         self, version: int, entry: dict[str, Any], table: Any
@@ -124,7 +152,7 @@ class Receiver:
             if not path.exists():
                 raise NotFound(f"shard file {path} does not exist")
             return read_shard(path, device=self.device, pool=self._pool, expected=table), str(path)
-        return self._http_get(version, table), "GET /artifacts"
+        return self._http_get(version, table), _HTTP_WHERE
 
     def _http_get(self, version: int, table: Any) -> FlatShard:
         import httpx
@@ -149,6 +177,10 @@ class Receiver:
                 f"shard of version {version} for rank {self.rank} from {where} has digest "
                 f"{digest[:16]}…, the version's {expected[:16]}…"
             )
+
+
+def _artifact_via(where: str) -> str:
+    return "http" if where == _HTTP_WHERE else "artifact"
 
 
 def _padded(nbytes: int) -> int:

@@ -1,20 +1,26 @@
 """Which way each rank's shard travels in a transaction, and keeping the daemon's buffers alive
 until it is decided.
 
-Per rank, the first route that applies (`ranks.transport`: auto | ipc | http):
+Per rank, the first route that applies (`ranks.transport`: auto | ipc | distributed | http):
 1. `resident`: the rank holds this very version as its previous one (a rollback, or a re-commit
    of the version just rolled back from) with the same digest: no bytes move at all.
 2. `cuda_ipc` / `shm`: the daemon has the version's buffers (a rollout from the pipeline) and the
    rank runs on this host: a CUDA IPC handle of the GPU buffer when the rank is on a GPU, else
-   the bytes in a shared-memory file (CPU ranks, as in CI). Not with `ranks.transport: http`.
-3. `artifact`: the stored artifact, read from disk where the rank can, else streamed over HTTP.
+   the bytes in a shared-memory file (CPU ranks, as in CI). With `auto` and `ipc` only.
+3. `distributed`: the daemon has the buffers and the rank is on another host (`auto`), or any
+   host (`distributed`): sent over torch.distributed (rollout/dist_links.py), NCCL or gloo.
+   `auto` falls back to the artifact for a rank that advertises no torch.distributed address
+   or whose group could not be formed before; `distributed` refuses the plan instead.
+4. `artifact`: the stored artifact, read from disk where the rank can, else streamed over HTTP.
    Only when it is durable; else the plan is refused (Conflict) and nothing was sent.
-The handles are released when the `RoutePlan` closes: after the decision, when every rank that
-will ever copy from them has acked (or the transaction was aborted).
+The handles are released, and the distributed sends finished or walked away from, when the
+`RoutePlan` closes: after the decision, when every rank that will ever copy from them has acked
+(or the transaction was aborted).
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +31,7 @@ import redis
 
 from orchestrator.data.ipc import Exported, SharedBuffer
 from orchestrator.errors import Conflict
+from orchestrator.rollout.dist_links import DistLinks, DistSend
 from orchestrator.settings import Settings
 from orchestrator.state.artifacts import ArtifactStore
 from orchestrator.state.keys import Keys
@@ -33,6 +40,8 @@ if TYPE_CHECKING:
     from orchestrator.data.flat import FlatShard
     from orchestrator.state.versions import VersionRecord
 
+log = logging.getLogger("refitd.routes")
+
 
 @dataclass
 class RoutePlan:
@@ -40,9 +49,24 @@ class RoutePlan:
 
     entries: list[dict[str, Any]]
     exported: Exported = field(default_factory=Exported)
+    dist: DistLinks | None = None
+    sends: list[DistSend] = field(default_factory=list)
+    committed: bool = False
+
+    def start(self) -> None:
+        """Start the distributed sends (once the PREPARE is out)."""
+        if self.dist is not None and self.sends:
+            self.dist.start(self.sends)
+
+    def failure(self) -> str | None:
+        """Why a distributed send failed, once one has; None otherwise."""
+        return self.dist.failure(self.sends) if self.dist is not None else None
 
     def close(self) -> None:
         self.exported.release()
+        if self.dist is not None:
+            self.dist.finish(self.sends, committed=self.committed)
+            self.sends = []
 
     def __enter__(self) -> RoutePlan:
         return self
@@ -71,12 +95,17 @@ class Routes:
         self._settings = settings
         self._artifacts = artifacts
         self._host = socket.gethostname()
+        self.dist = DistLinks(settings)
 
     def needs_artifact(self) -> list[int]:
         """The ranks that would have to read an artifact if a rollout with in-memory buffers
         began now (other hosts, or `ranks.transport: http`): the pipeline then writes the
         artifact before the rollout instead of after it."""
-        return [r for r, info in enumerate(self._rank_info()) if not self._local(info)]
+        return [
+            r
+            for r, info in enumerate(self._rank_info())
+            if not self._local(info) and not self._distributed(r, info, quiet=True)
+        ]
 
     def plan(
         self, version: int, record: VersionRecord, shards: Sequence[FlatShard] | None
@@ -94,7 +123,7 @@ class Routes:
             raise ValueError(f"{len(shards)} shards for {tp_size} ranks")
         digests = [r["digest"] for r in sorted(layout["ranks"], key=lambda r: r["rank"])]
         artifact = self._artifact(version, record)
-        plan = RoutePlan(entries=[])
+        plan = RoutePlan(entries=[], dist=self.dist)
         try:
             for rank, info in enumerate(self._rank_info()):
                 entry = self._route(rank, info, version, digests[rank], shards, artifact, plan)
@@ -118,6 +147,10 @@ class Routes:
             return {"via": "resident"}
         if shards is not None and self._local(info):
             return self._ipc(shards[rank], info, plan)
+        if shards is not None and self._distributed(rank, info):
+            entry, send = self.dist.plan(rank, info, version, shards[rank].buffer)
+            plan.sends.append(send)
+            return entry
         if self._settings.ranks.transport == "ipc":
             raise Conflict(
                 f"ranks.transport is ipc, but rank {rank} runs on {info.get('host') or '?'}, not "
@@ -129,7 +162,7 @@ class Routes:
         if shards is None:
             why = ""
         elif info.get("host") != self._host:
-            why = " (it runs on another host)"
+            why = " (it runs on another host and cannot take the distributed route)"
         else:
             why = " (ranks.transport is http)"
         raise Conflict(
@@ -148,13 +181,26 @@ class Routes:
 
     def _local(self, info: dict[str, str]) -> bool:
         transport = self._settings.ranks.transport
-        return transport != "http" and info.get("host") == self._host
+        return transport in ("auto", "ipc") and info.get("host") == self._host
+
+    def _distributed(self, rank: int, info: dict[str, str], *, quiet: bool = False) -> bool:
+        transport = self._settings.ranks.transport
+        if transport not in ("auto", "distributed"):
+            return False
+        why = self.dist.unusable(rank, info)
+        if why is None:
+            return True
+        if transport == "distributed" and not quiet:
+            raise Conflict(f"ranks.transport is distributed, but rank {rank} {why}")
+        if not quiet:
+            log.warning("rank %d %s: it gets the artifact instead", rank, why)
+        return False
 
     def _rank_info(self) -> list[dict[str, str]]:
+        names = ("host", "device", "previous_version", "previous_digest", "instance", "dist_host")
         pipe = self._r.pipeline(transaction=False)
         for r in range(self._settings.ranks.tp_size):
-            pipe.hmget(self._keys.rank(r), "host", "device", "previous_version", "previous_digest")
-        names = ("host", "device", "previous_version", "previous_digest")
+            pipe.hmget(self._keys.rank(r), *names)
         return [{k: v or "" for k, v in zip(names, reply, strict=True)} for reply in pipe.execute()]
 
     def _artifact(self, version: int, record: VersionRecord) -> dict[int, dict[str, Any]] | None:

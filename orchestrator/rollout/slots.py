@@ -22,6 +22,8 @@ class Held:
     version: int
     shard: FlatShard
     digest: str
+    # How its bytes arrived (the route: cuda_ipc, shm, distributed/<backend>, artifact).
+    via: str = ""
 
 
 class ShardSlots:
@@ -42,6 +44,10 @@ class ShardSlots:
             return spare[:size]
         self._spare = None
         return None
+
+    def drop_spare(self) -> None:
+        """Forget the spare buffer (a transfer that was walked away from may still write it)."""
+        self._spare = None
 
     def stage(self, held: Held) -> None:
         """Hold `held` as the staged version (dropping any staged before)."""

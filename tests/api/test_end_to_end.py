@@ -383,10 +383,12 @@ def test_refitctl_status_versions_show_and_health(api: Api) -> None:
     lines = status.stdout.splitlines()
     assert lines[0] == f"active version: {version}"
     assert lines[1] == f"ready:          yes (version {version} is active on every rank)"
-    assert lines[3].split() == ["rank", "version", "state", "alive", "digest"]
+    assert lines[3].split() == ["rank", "version", "state", "alive", "digest", "transport"]
     rows = [line.split() for line in lines[5:]]
     assert [row[:4] for row in rows] == [["0", str(version), "READY", "yes"],
                                          ["1", str(version), "READY", "yes"]]  # fmt: skip
+    # CPU ranks on the daemon's host get the pipeline's buffers through shared memory.
+    assert [row[5] for row in rows] == ["shm", "shm"]
 
     listed = refitctl("versions", url=api.url, token=TRAINER)
     assert listed.code == 0, listed

@@ -112,6 +112,8 @@ class Cluster:
             self.client, self.keys, self.settings, self.versions, self.artifacts
         )
         self.log_dir = self.root / "logs"
+        # Each version's shards as the pipeline would hand them to the coordinator.
+        self.flats: dict[int, list] = {}
 
     # Ranks ---------------------------------------------------------------------------------
     def start_ranks(self, *, wait: bool = True) -> None:
@@ -171,6 +173,7 @@ class Cluster:
         if shards is None:
             shards = random_shards(self.tp_size, seed if seed is not None else version)
         flats = [pack(shard, device="cpu") for shard in shards]
+        self.flats[version] = flats
         self.versions.set_fields(version, layout=layout_record(flats))
         info = self.artifacts.write_version(version, flats, metadata={"label": label or ""})
         self.versions.set_fields(version, artifact=info)
@@ -191,10 +194,13 @@ class Cluster:
         return UpdateLock(self.client, self.keys, ttl_s=self.settings.rollout.lock_ttl_s,
                           timeout_s=10)  # fmt: skip
 
-    def rollout(self, version: int) -> dict[str, Any]:
+    def rollout(self, version: int, *, in_memory: bool = False) -> dict[str, Any]:
+        """Roll `version` out; `in_memory`: with its shards in this process, as the pipeline
+        does (else the ranks load the artifact)."""
+        shards = self.flats[version] if in_memory else None
         with self.lock() as lock:
             assert lock.fence is not None
-            return self.coordinator.rollout(version, fence=lock.fence)
+            return self.coordinator.rollout(version, fence=lock.fence, shards=shards)
 
     def rollback(self, to_version: int | None = None) -> dict[str, Any]:
         with self.lock() as lock:

@@ -86,12 +86,32 @@ def test_other_hosts_read_the_artifact_which_must_then_be_durable(world) -> None
     _rank(client, keys, 0)
     _rank(client, keys, 1, host="elsewhere")
     assert routes.needs_artifact() == [1]
-    with pytest.raises(Conflict, match=r"rank 1 \(it runs on another host\) needs the artifact"):
+    with pytest.raises(Conflict, match=r"rank 1 \(it runs on another host and cannot take the "
+                       r"distributed route\) needs the artifact"):  # fmt: skip
         routes.plan(v, versions.get(v), flats)
     versions.set_fields(v, artifact=store.write_version(v, flats, metadata={}))
     with routes.plan(v, versions.get(v), flats) as plan:
         assert plan.routes == ["shm", "artifact"]
         assert plan.entries[1]["path"] == str(store.path(v, 1))
+
+
+def test_other_hosts_that_advertise_a_distributed_address_get_their_shard_sent(world) -> None:
+    _, client, keys, versions, _, routes = world(dist_host="127.0.0.1")
+    v, flats = _version(versions, 2, seed=7)
+    _rank(client, keys, 0)
+    _rank(client, keys, 1, host="elsewhere", dist_host="127.0.0.1", instance="a1")
+    # No artifact needed first: nobody reads it.
+    assert routes.needs_artifact() == []
+    with routes.plan(v, versions.get(v), flats) as plan:
+        assert plan.routes == ["shm", "distributed"]
+        entry = plan.entries[1]
+        assert entry["backend"] == "gloo"  # CPU buffers
+        assert entry["store"].startswith("127.0.0.1:")
+        assert entry["bucket_bytes"] == 256 << 20
+        assert [s.rank for s in plan.sends] == [1]
+    # Never started, so never finished: the next plan forms a new group.
+    with routes.plan(v, versions.get(v), flats) as again:
+        assert again.entries[1]["group"] != entry["group"]
 
 
 def test_transport_http_sends_everyone_to_the_artifact_and_ipc_refuses_other_hosts(world) -> None:
