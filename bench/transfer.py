@@ -2,6 +2,7 @@
 torch.distributed's own send/recv of one tensor of the same size, measured in the same run.
 
     python bench/transfer.py --device cuda             # 2 GPUs, NCCL: a Qwen3-8B TP-2 rank-1 shard
+    python bench/transfer.py --device cuda --backend gloo  # 1 GPU: both sides on it, gloo
     python bench/transfer.py --device cpu --size-mb 64 # smoke test: gloo on loopback
 
 Run from the repository root. This process plays the daemon (GPU 0, or the CPU) and starts one
@@ -102,6 +103,12 @@ class _Side:
             )
         else:
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        # The baseline sends what the backend moves: gloo moves host memory only (a CUDA buffer
+        # over gloo is staged through the host by refitd's link), so its baseline is a pinned
+        # host tensor of the same size.
+        self.base = self.buffer
+        if link.device != device:
+            self.base = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self._go = torch.zeros(1, dtype=torch.int64, device=link.device)
 
     def _sync(self) -> None:
@@ -125,9 +132,9 @@ class _Side:
         t0 = time.perf_counter()
         self._tag += 1
         if self.role == SENDER:
-            self._wait(self.pg.send([self.buffer], RECEIVER, self._tag))
+            self._wait(self.pg.send([self.base], RECEIVER, self._tag))
         else:
-            self._wait(self.pg.recv([self.buffer], SENDER, self._tag))
+            self._wait(self.pg.recv([self.base], SENDER, self._tag))
         self._sync()
         return time.perf_counter() - t0
 
@@ -167,7 +174,9 @@ class _Side:
 def _device(kind: str, role: int) -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")
-    device = torch.device("cuda", role)
+    # One process per GPU; on one GPU (gloo only: NCCL refuses two ranks on one device) both
+    # sides share it.
+    device = torch.device("cuda", role % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device
 
@@ -267,8 +276,11 @@ def main() -> None:
     if args.role == "receiver":
         _receiver(args)
         return
-    if args.device == "cuda" and torch.cuda.device_count() < 2:
-        sys.exit(f"--device cuda needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    if args.device == "cuda" and torch.cuda.device_count() < 2 and args.backend != "gloo":
+        sys.exit(
+            f"--device cuda with NCCL needs 2 GPUs, this machine has {torch.cuda.device_count()} "
+            "(on one GPU, --backend gloo runs both sides on it)"
+        )
     if args.size_mb is not None:
         args.nbytes, args.what = padded(int(args.size_mb * _MIB)), f"{args.size_mb:g} MiB"
     elif args.device == "cuda":
