@@ -114,8 +114,10 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
         server.stop()
 
 
-def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0, step_s: float = 0.05):
-    """Poll `predicate` until it returns something truthy; fail the test on timeout."""
+def wait_until(predicate: Callable[[], object], timeout_s: float = 30.0, step_s: float = 0.05):
+    """Poll `predicate` until it returns something truthy; fail the test on timeout. The timeout
+    only bounds how long a broken test hangs: on two loaded cores, a process that handles a
+    signal (a heartbeat to stop, Redis to write) has been seen to need more than 10 s."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
