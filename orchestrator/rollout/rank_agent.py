@@ -98,6 +98,7 @@ class RankAgent:
         self.epoch = 0
         self.staged_txn: str | None = None
         self._stop = threading.Event()
+        self._staged_via = ""
         self._adapter: EngineAdapter | None = None
         self._slots: ShardSlots | None = None
         self._receiver: Receiver | None = None
@@ -301,6 +302,10 @@ class RankAgent:
         # on the rollout's critical path, and the ack below says all that matters.
         self.staged_txn = txn
         entry = shards[self.rank]
+        # How this transaction's shard travels: an abort drops the torch.distributed group only
+        # when it did, as the daemon drops only the groups the transaction sent over (a
+        # rollback, `resident`, must leave the kept group in place on both sides).
+        self._staged_via = str(entry.get("via", ""))
         try:
             layout, _ = self._version_record(version)
             held = self.receiver.receive(
@@ -363,7 +368,8 @@ class RankAgent:
             return
         self.slots.discard()
         self.staged_txn = None
-        self.receiver.dist.drop()
+        if self._staged_via == "distributed":
+            self.receiver.dist.drop()
         self._publish_held()
 
     def _decided(self, txn: str) -> str | None:

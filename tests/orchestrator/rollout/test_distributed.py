@@ -161,3 +161,33 @@ def test_a_rank_faulted_at_each_phase_of_a_transfer_aborts_and_the_next_update_c
         state = c.wait_ready(following)
         assert [r["transport"] for r in state["ranks"]] == ["distributed/gloo"] * 2
         previous = following
+
+
+def test_an_aborted_rollback_leaves_the_kept_groups_and_the_next_update_uses_them(
+    make_cluster,  # noqa: F811
+) -> None:
+    # A rollback moves no bytes (`resident`), so its abort drops no group: not on the daemon's
+    # side, which sent nothing, and not on a rank's, which would otherwise rejoin a group the
+    # daemon still holds and fail the next update.
+    c = make_cluster(2, ranks=DIST)
+    v1, v2 = _version(c, seed=41), _version(c, seed=42)
+    c.rollout(v1, in_memory=True)
+    c.wait_ready(v1)
+    kept = c.rollout(v2, in_memory=True)
+    c.wait_ready(v2)
+    groups = [e["group"] for e in _prepare_entries(c, kept["txn"])]
+
+    c.signal_rank(VICTIM, signal.SIGSTOP)
+    try:
+        with pytest.raises(RolloutAborted, match=f"rank {VICTIM}"):
+            c.rollback()
+    finally:
+        c.signal_rank(VICTIM, signal.SIGCONT)
+    state = c.wait_ready(v2)
+    assert [r["staged_version"] for r in state["ranks"]] == [None, None]
+
+    v3 = _version(c, seed=43)
+    third = c.rollout(v3, in_memory=True)
+    state = c.wait_ready(v3)
+    assert [e["group"] for e in _prepare_entries(c, third["txn"])] == groups
+    assert [r["transport"] for r in state["ranks"]] == ["distributed/gloo"] * 2
