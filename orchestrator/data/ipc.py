@@ -338,8 +338,8 @@ def _open_shm(handle: dict[str, Any], owner_uid: int | None = None) -> torch.Ten
     path = _str(handle, "path")
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    if not Path(path).name.startswith(SHM_PREFIX):
-        raise HandleUnavailable(f"{path} is not a refitd shared buffer")
+    if "\x00" in path or not Path(path).name.startswith(SHM_PREFIX):
+        raise HandleUnavailable(f"{path!r} is not a refitd shared buffer")
     try:
         # O_NONBLOCK: a FIFO planted at the path must not block the open.
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -93,11 +93,11 @@ class BlockGemm:
     fn: BlockGemmFn
     aligned_only: bool = False
 
-    def takes(self, xq: torch.Tensor, wq: torch.Tensor) -> bool:
-        return not self.aligned_only or cublas_blockwise_takes(xq, wq)
+    def takes(self, xq: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> bool:
+        return not self.aligned_only or cublas_blockwise_takes(xq, wq, ws)
 
 
-def cublas_blockwise_takes(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+def cublas_blockwise_takes(xq: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> bool:
     """Whether cuBLAS's blockwise FP8 GEMM (behind torch._scaled_mm and F.scaled_mm) may be
     given this product: whole 128-blocks of outputs, channels in whole groups of four 128-blocks,
     and a token count in 16s (token-major activation scales 16-byte aligned). cuBLAS reads the
@@ -105,7 +105,11 @@ def cublas_blockwise_takes(xq: torch.Tensor, wq: torch.Tensor) -> bool:
     on other shapes it returns wrong sums without an error (seen on the H200: a tiny model's
     honest update rejected with mean KL 7). So these shapes only, whatever the probe says."""
     n, k = wq.shape
-    return n % BLOCK == 0 and k % (4 * BLOCK) == 0 and xq.shape[0] % 16 == 0
+    shapes = n % BLOCK == 0 and k % (4 * BLOCK) == 0 and xq.shape[0] % 16 == 0
+    # cuBLASLt wants 16-byte aligned operands; a weight or its scales cut out of a packed
+    # shard may start anywhere (the probe only saw fresh, aligned tensors).
+    aligned = wq.is_contiguous() and all(t.data_ptr() % 16 == 0 for t in (xq, wq, ws))
+    return shapes and aligned
 
 
 def _scaled_mm_v2(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor):
@@ -164,11 +168,11 @@ class ScaledMM(Gemm):
     def blockwise(
         self, xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor
     ) -> torch.Tensor:
-        if self.blockwise_layout is not None and cublas_blockwise_takes(xq, wq):
+        if self.blockwise_layout is not None and cublas_blockwise_takes(xq, wq, ws):
             scale_a, scale_b = _LAYOUTS[self.blockwise_layout](xs, ws)
             return self.scaled_mm(xq, wq.t(), scale_a, scale_b, out_dtype=BF16)
         for gemm in self.block_gemms:
-            if gemm.takes(xq, wq):
+            if gemm.takes(xq, wq, ws):
                 return gemm.fn(xq, xs, wq, ws)
         return super().blockwise(xq, xs, wq, ws)
 

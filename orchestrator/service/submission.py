@@ -105,7 +105,13 @@ class Submissions:
         """A trainer's tensors on this host (service/tensor_source.py): checked, copied into
         the daemon's memory, then enqueued; the copy waits in `staged` for the pipeline."""
         verify = self.settings.verification.enabled if verify is None else verify
-        digest = request_digest({"source": source, "label": label, "verify": verify})
+        # The content, not the handles: a retry re-exports the same tensors under new handles
+        # (another pid, other buffers), and must replay the first answer, not be refused.
+        content = [{"tensors": b["tensors"], "digest": b["digest"]} for b in source["buckets"]]
+        digest = request_digest(
+            {"source": {"type": source["type"], "buckets": content}, "label": label,
+             "verify": verify}
+        )  # fmt: skip
         replay = self._replay(idempotency_key, digest)
         if replay is not None:
             return replay, False

@@ -29,7 +29,8 @@ from orchestrator import failpoints
 from orchestrator.data import exporter as exporters
 from orchestrator.data.flat import BadLayout, Entry, FlatShard, empty_like_layout, padded
 from orchestrator.data.ipc import SHM_DIR, HandleUnavailable, open_handle
-from orchestrator.errors import InvalidUpdate, PayloadTooLarge, SourceNotAllowed
+from orchestrator.errors import InvalidUpdate, PayloadTooLarge, SourceNotAllowed, TooBusy
+from orchestrator.service.staged import RETRY_AFTER_S
 
 TENSOR_SOURCE = "cuda_ipc"
 
@@ -51,6 +52,11 @@ def check_exporter(exporter: dict[str, Any]) -> None:
             "maps the buffers of its own user only: run the trainer as the daemon's user"
         )
     pid = exporter["pid"]
+    if pid == os.getpid():
+        raise SourceNotAllowed(
+            f"the exporter names pid {pid}, the daemon's own: the tensors must come from the "
+            "trainer's process"
+        )
     if not exporters.running(pid, exporter["start_time"]):
         raise SourceNotAllowed(
             f"the exporting process {pid} does not run on this host (it exited, or it runs in "
@@ -129,7 +135,15 @@ def copy_buckets(
                 ) from None
             if mapped.device.type == "cuda":
                 cuda_devices.add(mapped.device)
-            shard = empty_like_layout(table, nbytes, device)
+            try:
+                shard = empty_like_layout(table, nbytes, device)
+            except torch.cuda.OutOfMemoryError:
+                raise TooBusy(
+                    f"bucket {i}: the daemon has no room on {device} for its copy of the "
+                    "tensors now (the running update holds it); nothing was kept: push again "
+                    f"in {RETRY_AFTER_S}s",
+                    retry_after_s=RETRY_AFTER_S,
+                ) from None
             try:
                 shard.buffer.copy_(mapped, non_blocking=True)
             except RuntimeError as exc:

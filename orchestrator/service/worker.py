@@ -92,6 +92,11 @@ class UpdateWorker:
                 self.run(update_id)
             except Exception:
                 log.exception("update %s failed unexpectedly", update_id)
+            finally:
+                # A trainer's tensors held for it (a whole model) go, whatever ended the run:
+                # an error before the loading stage took them would hold them until the daemon
+                # stops, and refuse every later tensor push (limits.tensor_updates_waiting).
+                self.stages.staged.drop(update_id)
             # Off the running list only once its record is final: if Redis failed mid-way, it
             # stays there, readiness reports it as stuck, and the next start's recovery closes it.
             with contextlib.suppress(Exception):

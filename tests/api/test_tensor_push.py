@@ -181,14 +181,16 @@ def _dead_pid() -> int:
         ({"uid": os.getuid() + 1}, "refitd maps the buffers of its own user only"),
         ({"start_time": 1}, "does not run on this host"),
         ({"pid": "dead"}, "does not run on this host"),
+        ({"pid": "daemon"}, "the daemon's own"),
     ],
-    ids=["boot-id", "hostname", "uid", "reused-pid", "exited"],
+    ids=["boot-id", "hostname", "uid", "reused-pid", "exited", "daemon-pid"],
 )
 def test_a_handle_from_another_host_user_or_process_is_refused_with_400(
     api: Api, exported: dict[str, Any], exporter: dict[str, Any], detail: str
 ) -> None:
     before = api.snapshot()
-    changed = {k: (_dead_pid() if v == "dead" else v) for k, v in exporter.items()}
+    stand_ins = {"dead": _dead_pid, "daemon": lambda: api.daemon.proc.pid}
+    changed = {k: stand_ins[v]() if v in stand_ins else v for k, v in exporter.items()}
     response = _post(api, {**exported, "exporter": {**exported["exporter"], **changed}})
     assert response.status_code == 400, response.text
     assert detail in response.json()["detail"]
@@ -209,6 +211,10 @@ def test_a_handle_that_cannot_be_opened_is_refused_with_400(
     assert handle["kind"] == "shm"
     gone = _first_handle(exported, path=handle["path"] + ".gone")
     response = _post(api, gone)
+    assert response.status_code == 400, response.text
+    assert "bucket 0: its shm handle cannot be opened" in response.json()["detail"]
+
+    response = _post(api, _first_handle(exported, path=handle["path"] + "\x00"))
     assert response.status_code == 400, response.text
     assert "bucket 0: its shm handle cannot be opened" in response.json()["detail"]
 
@@ -322,3 +328,22 @@ def test_past_the_in_memory_limit_a_push_gets_429_with_retry_after_and_nothing_c
     [accepted] = first
     assert accepted.status_code == 202, accepted.text
     assert api.follow(accepted.json()["update_id"])[-1]["stage"] == "committed"
+
+
+def test_a_retried_push_under_the_same_idempotency_key_replays_the_first_answer(api: Api) -> None:
+    # A trainer that lost the answer exports the same tensors again: new handles, another
+    # buffer, the same content. It gets its first update back, not a second version or a 422.
+    state = state_for(api.config, api.next_seed(), "cpu")
+    key = {"Idempotency-Key": f"retry-{os.getpid()}-{api.next_seed()}"}
+    with export_tensors(state) as first:
+        answered = _post(api, first.source(), headers=key)
+    assert answered.status_code == 202, answered.text
+    with export_tensors(state) as again:
+        replayed = _post(api, again.source(), headers=key)
+    assert replayed.status_code in (200, 202), replayed.text
+    assert replayed.json()["update_id"] == answered.json()["update_id"]
+    assert replayed.json()["version"] == answered.json()["version"]
+    api.follow(answered.json()["update_id"])
+    # Other content under that key is another request: refused, as for any source.
+    with export_tensors(state_for(api.config, api.next_seed(), "cpu")) as other:
+        assert _post(api, other.source(), headers=key).status_code == 422

@@ -13,7 +13,13 @@ import torch
 from kernels.fp8 import BLOCK, FP8_DTYPE
 from kernels.fp8_gemm import fp8_block_gemm_reference
 from orchestrator.model import synthetic
-from orchestrator.model.gemm import BlockGemm, Gemm, ScaledMM, probe_scaled_mm
+from orchestrator.model.gemm import (
+    BlockGemm,
+    Gemm,
+    ScaledMM,
+    cublas_blockwise_takes,
+    probe_scaled_mm,
+)
 from orchestrator.model.planner import ModelPlan
 from orchestrator.model.probe import probe_batch
 from orchestrator.model.served import ServedLinear
@@ -336,3 +342,17 @@ def test_on_the_gpu_blockwise_products_are_not_emulated_and_compute_right():
         wq, ws = quantize_blockwise((torch.randn(n, k, generator=g) * 0.02).cuda())
         got, want = gemm.blockwise(xq, xs, wq, ws), Gemm().blockwise(xq, xs, wq, ws)
         assert (got.float() - want).abs().max() <= 2.0**-6 * want.abs().max(), (tokens, k, n)
+
+
+def test_cublas_takes_only_whole_blocks_in_16_byte_aligned_memory() -> None:
+    # A weight cut out of a packed shard may start at any byte: cuBLAS is not given it.
+    xq = torch.zeros(32, 512, dtype=FP8_DTYPE)
+    packed = torch.zeros(256 * 512 + 16, dtype=torch.uint8)
+    aligned = packed[: 256 * 512].view(FP8_DTYPE).view(256, 512)
+    shifted = packed[1 : 1 + 256 * 512].view(FP8_DTYPE).view(256, 512)
+    ws = torch.ones(2, 4)
+    assert cublas_blockwise_takes(xq, aligned, ws)
+    assert not cublas_blockwise_takes(xq, shifted, ws)
+    assert not cublas_blockwise_takes(xq, aligned, torch.ones(2 * 4 + 1)[1:].view(2, 4))
+    assert not cublas_blockwise_takes(xq[:31], aligned, ws)  # tokens not in 16s
+    assert not cublas_blockwise_takes(xq[:, :384], aligned[:, :384].contiguous(), ws[:, :3])
