@@ -278,12 +278,6 @@ def _digest_numpy(buf: torch.Tensor, chunk_words: int = 1 << 22) -> tuple[int, i
     return sums[0], sums[1]
 
 
-def digest_reference(buf: torch.Tensor) -> str:
-    """The digest in plain torch (the oracle), on any device."""
-    check_buffer(buf)
-    return _finish(digest_reference_sums(buf), buf.numel())
-
-
 def digest(buf: torch.Tensor, backend: Backend = "auto", config: DigestConfig | None = None) -> str:
     """128-bit digest of a 1-D uint8 buffer (length a multiple of 16), 32 hex characters.
 

@@ -38,6 +38,12 @@ class Metrics:
         self.live_ranks = Gauge(
             "refitd_live_ranks", "Rank agents whose heartbeat is fresh.", registry=self.registry
         )
+        self.agent_restarts = Counter(
+            "refitd_rank_agent_restarts",
+            "Rank agents the daemon restarted after they died (ranks.launch: local).",
+            ["rank"],
+            registry=self.registry,
+        )
         self.tp_size = Gauge("refitd_tp_size", "Configured TP ranks.", registry=self.registry)
         self.queued = Gauge(
             "refitd_updates_queued", "Updates waiting behind the running one.",

@@ -129,14 +129,19 @@ class SharedBuffer:
 
 
 def remove_stale_shared_buffers(dir: Path = SHM_DIR) -> list[Path]:
-    """Unlink the shared buffers that processes no longer alive left in `dir` (a daemon that
-    was killed never released its own); returns what it removed."""
+    """Unlink the shared buffers that processes no longer alive left in `dir` (a killed daemon
+    or trainer never released its own); returns what it removed. A process in another pid
+    namespace looks dead here, but the tensor door refuses such exporters anyway. Another
+    user's files, which /dev/shm's sticky bit keeps from us, stay."""
     removed = []
-    for path in dir.glob(f"{SHM_PREFIX}*.buf"):
+    for path in sorted(dir.glob(f"{SHM_PREFIX}*.buf")):
         pid_text = path.name.removeprefix(SHM_PREFIX).split("-", 1)[0]
         if not pid_text.isdigit() or _alive(int(pid_text)):
             continue
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            continue
         removed.append(path)
     return removed
 

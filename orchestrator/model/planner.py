@@ -130,10 +130,6 @@ class ModelPlan:
                 shapes[scale_name(t)] = (shape[0], 1)
         return shapes
 
-    def shipped_names(self) -> list[str]:
-        """Names of the tensors every rank holds (the same on every rank)."""
-        return list(self.shipped_shapes(0))
-
 
 def scale_name(tensor: TensorPlan) -> str:
     """Name of a quantized weight's scale, as in SGLang/DeepSeek FP8 checkpoints."""

@@ -10,24 +10,19 @@ row-parallel one (each row's scale covers all its columns). Torch only.
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from kernels.blockwise import dequantize_blockwise
-from kernels.fp8 import BLOCK, FP8_DTYPE
+from kernels.fp8 import BLOCK
 from kernels.grouped import quantize_blockwise_many, quantize_per_channel_many
-from kernels.per_channel import dequantize_per_channel
 from orchestrator.model.planner import ModelPlan, PlanError, Range, Scheme, TensorPlan, scale_name
 from orchestrator.model.structure import UPDATE_DTYPES, compare, described
 
 Ranges = tuple[tuple[Range, ...], ...]
 # (shipped name, dim it is split along or None when every rank holds it whole, per-rank ranges)
 _Layout = tuple[str, int | None, Ranges]
-
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def quantize_state(state: Mapping[str, torch.Tensor], plan: ModelPlan) -> dict[str, torch.Tensor]:
@@ -66,7 +61,7 @@ def shard_views(
     """
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(plan.tp_size)]
     for t in plan.tensors.values():
-        for name, dim, ranges in _layouts(t):
+        for name, dim, ranges in layouts(t):
             tensor = quantized[name]
             for rank, shard in enumerate(shards):
                 shard[name] = tensor if dim is None else _gather(tensor, dim, ranges[rank])
@@ -88,64 +83,9 @@ def shard_state(
     return [{name: on_cpu[id(t)] for name, t in shard.items()} for shard in views]
 
 
-def quantize_and_shard(
-    state: Mapping[str, torch.Tensor], plan: ModelPlan
-) -> list[dict[str, torch.Tensor]]:
-    """Quantize a bf16/fp16/fp32 model as `plan` says and cut it into one CPU dict per rank.
-
-    Raises PlanError when the state's names or shapes differ from the plan's.
-    """
-    return shard_state(quantize_state(state, plan), plan)
-
-
-def unshard(
-    rank_shards: Sequence[Mapping[str, torch.Tensor]], plan: ModelPlan
-) -> dict[str, torch.Tensor]:
-    """Put the whole quantized model back together from its rank shards.
-
-    Checks what it can on the way: every rank holds exactly its planned names and shapes, and
-    ranks that hold the same slice (replicated tensors, replicated kv heads) hold the same bits.
-    """
-    if len(rank_shards) != plan.tp_size:
-        raise PlanError(f"expected {plan.tp_size} rank shards, got {len(rank_shards)}")
-    for rank, shard in enumerate(rank_shards):
-        _check_shapes(f"rank {rank} shard", shard, plan.shipped_shapes(rank))
-    out: dict[str, torch.Tensor] = {}
-    for t in plan.tensors.values():
-        for name, dim, ranges in _layouts(t):
-            pieces = [shard[name] for shard in rank_shards]
-            if dim is None:
-                for rank, piece in enumerate(pieces[1:], start=1):
-                    _require_same(name, 0, pieces[0], rank, piece)
-                out[name] = pieces[0]
-            else:
-                out[name] = _join(name, pieces, dim, ranges)
-    return out
-
-
-def dequantize_state(quantized: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """bf16 tensors back under their original names, from a quantized model or one rank shard."""
-    scales = set()
-    for name, tensor in quantized.items():
-        if tensor.dtype == FP8_DTYPE:
-            scales.update({name + "_scale_inv", name + "_scale"} & quantized.keys())
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in quantized.items():
-        if name in scales:
-            continue
-        if tensor.dtype != FP8_DTYPE:
-            out[name] = tensor.to(torch.bfloat16)
-        elif name + "_scale_inv" in quantized:
-            out[name] = dequantize_blockwise(tensor, quantized[name + "_scale_inv"])
-        elif name + "_scale" in quantized:
-            out[name] = dequantize_per_channel(tensor, quantized[name + "_scale"])
-        else:
-            raise PlanError(f"{name}: an fp8 tensor without {name}_scale_inv or {name}_scale")
-    return out
-
-
-def _layouts(t: TensorPlan) -> list[_Layout]:
-    """How the weight and, when quantized, its scale are laid out over the ranks."""
+def layouts(t: TensorPlan) -> list[_Layout]:
+    """How the weight and, when quantized, its scale are laid out over the ranks: (shipped
+    name, the dim it is split along or None, each rank's ranges along it)."""
     dim = t.split_dim
     layouts: list[_Layout] = [(t.name, dim, t.ranges)]
     if t.scheme is Scheme.BLOCKWISE:
@@ -162,33 +102,6 @@ def _gather(tensor: torch.Tensor, dim: int, held: tuple[Range, ...]) -> torch.Te
     if len(pieces) == 1:
         return pieces[0]
     return torch.cat(pieces, dim)
-
-
-def _join(name: str, pieces: Sequence[torch.Tensor], dim: int, ranges: Ranges) -> torch.Tensor:
-    """Inverse of `_gather` over all ranks; ranks that hold the same range must agree."""
-    found: dict[Range, tuple[int, torch.Tensor]] = {}
-    for rank, (piece, held) in enumerate(zip(pieces, ranges, strict=True)):
-        offset = 0
-        for start, stop in held:
-            part = piece.narrow(dim, offset, stop - start)
-            offset += stop - start
-            if (start, stop) in found:
-                _require_same(name, found[(start, stop)][0], found[(start, stop)][1], rank, part)
-            else:
-                found[(start, stop)] = (rank, part)
-    ordered = sorted(found)
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(ordered)), f"{name}: gaps: {ordered}"
-    return torch.cat([found[r][1] for r in ordered], dim).contiguous()
-
-
-def _require_same(name: str, rank_a: int, a: torch.Tensor, rank_b: int, b: torch.Tensor) -> None:
-    if a.dtype != b.dtype or not torch.equal(_bits(a), _bits(b)):
-        raise PlanError(f"{name}: ranks {rank_a} and {rank_b} hold different copies of one slice")
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    # Compare bit patterns: fp8 has no equality kernel everywhere, and NaN != NaN.
-    return t.view(_BITS[t.element_size()])
 
 
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -246,11 +159,3 @@ def _check_state(state: Mapping[str, torch.Tensor], plan: ModelPlan) -> None:
     mismatch = compare(described(state), expected)
     if mismatch:
         raise PlanError(f"update does not match the TP plan: {mismatch.describe()}")
-
-
-def _check_shapes(
-    what: str, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]
-) -> None:
-    mismatch = compare(described(tensors), {name: (s, None) for name, s in expected.items()})
-    if mismatch:
-        raise PlanError(f"{what} does not match the TP plan: {mismatch.describe()}")

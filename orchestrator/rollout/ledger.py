@@ -136,11 +136,6 @@ class RolloutLedger:
                 end -= _HISTORY_CHUNK
         return None
 
-    def committed_history(self) -> list[int]:
-        """Every version a COMMIT decision made active, in decision order."""
-        with redis_errors():
-            return [int(v) for v in self._r.lrange(self._keys.active_history, 0, -1)]
-
     def active_version(self) -> int | None:
         """The active version, as the last decision recorded it."""
         return opt_int(self._r.hget(self._keys.active, "version"))

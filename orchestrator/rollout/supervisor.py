@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -64,6 +65,7 @@ class Supervisor:
         log_dir: Path | None = None,
         log_level: str = "INFO",
         stop_timeout_s: float = 10.0,
+        on_restart: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.redis_url = redis_url
@@ -71,7 +73,7 @@ class Supervisor:
         self.log_level = log_level
         self.stop_timeout_s = stop_timeout_s
         self.config_path = settings.resolved_data_dir() / "ranks" / "settings.yaml"
-        self.restarts = dict.fromkeys(range(settings.ranks.tp_size), 0)
+        self.on_restart = on_restart
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._restart_at: dict[int, float] = {}
         self._started_at: dict[int, float] = {}
@@ -103,13 +105,6 @@ class Supervisor:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-    def pids(self) -> dict[int, int | None]:
-        """Each rank's agent pid (None while it is down)."""
-        with self._mutex:
-            return {
-                r: (p.pid if p.poll() is None else None) for r, p in sorted(self._procs.items())
-            }
 
     def _command(self, rank: int) -> list[str]:
         return [
@@ -168,8 +163,9 @@ class Supervisor:
                     self._backoff[rank] = quick if lived < _STABLE_S else base
                 elif now >= self._restart_at[rank]:
                     del self._restart_at[rank]
-                    self.restarts[rank] += 1
                     self._spawn(rank)
+                    if self.on_restart is not None:
+                        self.on_restart(rank)
         self._terminate_all()
 
     def _terminate_all(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 
+from orchestrator.data.ipc import SHM_DIR, remove_stale_shared_buffers
 from orchestrator.errors import ConfigError, RedisUnavailable, RefitError
 from orchestrator.metrics import Metrics
 from orchestrator.rollout.coordinator import Coordinator
@@ -27,6 +28,7 @@ from orchestrator.state.keys import Keys
 from orchestrator.state.redis_client import connect, redact
 from orchestrator.state.redis_server import EmbeddedRedis
 from orchestrator.state.versions import VersionStore
+from orchestrator.text import some
 
 log = logging.getLogger("refitd")
 
@@ -122,8 +124,16 @@ class Refitd:
         self.recovery = recover(
             self._coordinator, self._versions, self.artifacts, queue, self.update_lock()
         )
+        stale = remove_stale_shared_buffers()
+        if stale:
+            log.info("removed %d shared-memory buffers that dead processes left in %s: %s",
+                     len(stale), SHM_DIR, some([p.name for p in stale]))  # fmt: skip
         if self.settings.ranks.launch == "local":
-            self.supervisor = Supervisor(self.settings, redis_url=self.redis_url)
+            self.supervisor = Supervisor(
+                self.settings,
+                redis_url=self.redis_url,
+                on_restart=lambda rank: self.metrics.agent_restarts.labels(rank=str(rank)).inc(),
+            )
             self.supervisor.start()
         self._pipeline.start()
 

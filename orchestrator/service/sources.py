@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -17,7 +17,6 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
-from kernels.finite import find_non_finite
 from orchestrator.data import files as safetensors_files
 from orchestrator.data.files import open_regular
 from orchestrator.errors import (
@@ -30,7 +29,6 @@ from orchestrator.errors import (
 )
 from orchestrator.model.structure import compare
 from orchestrator.state.artifacts import fsync_dir
-from orchestrator.text import some
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 INDEX_NAME = "model.safetensors.index.json"
@@ -194,17 +192,6 @@ def _looks_pickled(path: Path) -> bool:
     return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def load_tensors(source: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from every file; headers were already checked by inspect_files."""
-    for path in source.files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    yield name, f.get_tensor(name)
-        except SafetensorError as exc:
-            raise InvalidUpdate(f"{path.name} is not a valid safetensors file: {exc}") from None
-
-
 def storage_error(exc: OSError, what: str) -> RefitError:
     """What the API answers when writing `what` under the data directory failed: 507 when its
     filesystem is full, 503 for any other I/O error (the request may be sent again later)."""
@@ -298,11 +285,3 @@ def check_header(
     mismatch = compare(found, expected)
     if mismatch:
         raise InvalidUpdate(mismatch.describe())
-
-
-def scan_non_finite(source: WeightFiles) -> None:
-    """One streaming pass over every tensor: refuse the update if any holds NaN or Inf, or a
-    value that overflows bf16 (the quantizers' first step), so none reaches a rank."""
-    bad = [name for name, tensor in load_tensors(source) if find_non_finite({name: tensor})]
-    if bad:
-        raise InvalidUpdate(f"NaN or Inf in {some(bad)}; nothing was applied")

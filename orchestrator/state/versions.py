@@ -254,7 +254,3 @@ class VersionStore:
             for n, raw in zip(numbers, pipe.execute(), strict=True)
             if raw
         ]
-
-    def latest_number(self) -> int:
-        """The last version number handed out (0 when none)."""
-        return int(self._r.get(self._keys.version_counter) or 0)

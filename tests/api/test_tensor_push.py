@@ -297,7 +297,7 @@ def test_a_trainer_that_exits_before_the_copy_ends_gets_400_and_nothing_is_kept(
     finally:
         go.touch()
     post.join(60)
-    for leftover in _shm_files(trainer.pid):  # SIGKILL left them; nothing in refitd removes them
+    for leftover in _shm_files(trainer.pid):  # SIGKILL left them (a daemon start removes such)
         leftover.unlink()
     [response] = answers
     assert response.status_code == 400, response.text

@@ -34,7 +34,7 @@ from orchestrator.state.artifacts import ArtifactStore, layout_record
 from orchestrator.state.keys import Keys
 from orchestrator.state.redis_client import connect
 from orchestrator.state.versions import VersionStatus, VersionStore
-from tests.conftest import RedisProcess, wait_until
+from tests.conftest import RedisProcess, process_alive, wait_until
 
 # Timeouts here are "fail if it never happens" bounds, not the way tests make things happen:
 # a test that wants a dead rank kills it (a restarted agent is noticed at once by its new
@@ -114,24 +114,34 @@ class Cluster:
         self.log_dir = self.root / "logs"
         # Each version's shards as the pipeline would hand them to the coordinator.
         self.flats: dict[int, list] = {}
+        # Each rank whose agent the supervisor restarted, in order.
+        self.restarted: list[int] = []
 
     # Ranks ---------------------------------------------------------------------------------
     def start_ranks(self, *, wait: bool = True) -> None:
-        self.supervisor = Supervisor(self.settings, redis_url=self.redis.url, log_dir=self.log_dir)
+        self.supervisor = Supervisor(
+            self.settings,
+            redis_url=self.redis.url,
+            log_dir=self.log_dir,
+            on_restart=self.restarted.append,
+        )
         self.supervisor.start()
         if wait:
             self.wait_ready()
 
     def pid(self, rank: int) -> int:
-        assert self.supervisor is not None
-        pid = self.supervisor.pids()[rank]
-        assert pid is not None, f"rank {rank} is down"
+        pid = int(self.rank_hash(rank)["pid"])
+        assert process_alive(pid), f"rank {rank} is down"
         return pid
 
     def signal_rank(self, rank: int, sig: int) -> int:
         pid = self.pid(rank)
         os.kill(pid, sig)
         return pid
+
+    def committed_history(self) -> list[int]:
+        """Every version a COMMIT decision made active, in decision order (the ledger's list)."""
+        return [int(v) for v in self.client.lrange(self.keys.active_history, 0, -1)]
 
     def rank_hash(self, rank: int) -> dict[str, str]:
         return self.client.hgetall(self.keys.rank(rank))
@@ -144,13 +154,12 @@ class Cluster:
         def settled() -> dict[str, Any] | None:
             state = self.coordinator.ledger.active()
             want = state["active_version"] if version is None else version
-            # A killed agent's hash looks alive until its heartbeat key expires: only the
-            # process the supervisor runs now counts.
-            pids = self.supervisor.pids() if self.supervisor is not None else {}
             for r in state["ranks"]:
                 if not r["alive"] or r["state"] != "READY" or r["version"] != want:
                     return None
-                if pids and r["pid"] != pids.get(r["rank"]):
+                # A killed agent's hash looks alive until its heartbeat key expires: only a
+                # process that runs counts.
+                if not r["pid"] or not process_alive(int(r["pid"])):
                     return None
                 if want is not None and r["digest"] != self.digest(want, r["rank"]):
                     return None

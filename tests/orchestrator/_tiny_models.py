@@ -20,7 +20,7 @@ import torch
 
 from kernels.fp8 import BLOCK
 from orchestrator.model.planner import ModelPlan, Scheme, Split, TensorPlan, plan_model, scale_name
-from orchestrator.model.sharding import quantize_and_shard
+from tests.orchestrator._sharding import quantize_and_shard
 
 _COMMON: dict[str, Any] = {
     "hidden_size": 256,

@@ -93,7 +93,7 @@ def test_qwen3_8b_tp8_ranges_and_shipped_shapes() -> None:
     assert "model.embed_tokens.weight_scale_inv" not in shipped
     whole = plan.shipped_shapes()
     assert whole[f"{p}.mlp.down_proj.weight_scale_inv"] == (32, 96)
-    assert set(whole) == set(shipped) == set(plan.shipped_names())
+    assert set(whole) == set(shipped) == set(plan.shipped_shapes(0))
 
 
 def test_fused_qkv_and_gate_up_split_part_by_part() -> None:

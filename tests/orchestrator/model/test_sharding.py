@@ -17,13 +17,7 @@ from kernels.blockwise import quantize_blockwise_reference
 from kernels.fp8 import BLOCK, FP8_DTYPE
 from kernels.per_channel import quantize_per_channel_reference
 from orchestrator.model.planner import ModelPlan, PlanError, Scheme, Split, plan_model, scale_name
-from orchestrator.model.sharding import (
-    dequantize_state,
-    quantize_and_shard,
-    quantize_state,
-    shard_state,
-    unshard,
-)
+from orchestrator.model.sharding import quantize_state, shard_state
 from tests.orchestrator._shapes import (
     MODELS,
     QWEN2_5_0_5B,
@@ -32,6 +26,7 @@ from tests.orchestrator._shapes import (
     layer_shapes,
     model_shapes,
 )
+from tests.orchestrator._sharding import dequantize_state, quantize_and_shard, unshard
 
 BF16 = torch.bfloat16
 Tensors = dict[str, torch.Tensor]

@@ -8,10 +8,10 @@ import torch
 from kernels.fp8 import FP8_DTYPE
 from orchestrator.errors import InvalidUpdate
 from orchestrator.model.planner import PlanError, plan_model
-from orchestrator.model.sharding import quantize_and_shard
 from orchestrator.model.structure import UPDATE_DTYPES, compare, described, shipped_specs
 from orchestrator.model.verification import check_structure
 from orchestrator.service.sources import check_header
+from tests.orchestrator._sharding import quantize_and_shard
 
 EXPECTED = {
     "a.weight": ((4, 8), UPDATE_DTYPES),

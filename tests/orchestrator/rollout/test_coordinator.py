@@ -237,7 +237,7 @@ def test_five_updates_in_a_row_commit_on_every_rank_with_the_artifacts_digests(
         epochs.append(result["epoch"])
         versions.append(v)
     assert epochs == sorted(set(epochs))
-    assert c.coordinator.ledger.committed_history() == versions
+    assert c.committed_history() == versions
     assert [c.status(v) for v in versions] == [S.SUPERSEDED] * 4 + [S.COMMITTED]
     assert c.coordinator.ledger.open_txns() == []
     # Retention 3: the two oldest are pruned, the active and the previous kept.
@@ -275,7 +275,7 @@ def test_rollback_to_the_previous_and_to_a_chosen_version(make_cluster) -> None:
     assert state["active_version"] == v2
     assert all(r["version"] == v2 for r in state["ranks"])
     assert [r["digest"] for r in state["ranks"]] == [c.digest(v2, r) for r in range(4)]
-    assert c.coordinator.ledger.committed_history() == [v1, v2, v3, v4, v3, v2]
+    assert c.committed_history() == [v1, v2, v3, v4, v3, v2]
     # The version rolled back from is not a default target, whatever its age.
     assert c.coordinator.ledger.previous_committed() == v1
 
@@ -300,7 +300,7 @@ def test_rollback_to_a_pruned_unknown_or_unfit_version_is_a_clear_error_that_cha
         statuses = {v: c.status(v) for v in (v1, v2, v3, v4, aborted)}
         events = [e for e in c.events() if e["kind"] != "lock"]
         return (c.coordinator.ledger.active(), statuses, events, c.artifacts.stored_versions(),
-                c.coordinator.ledger.committed_history())  # fmt: skip
+                c.committed_history())  # fmt: skip
 
     before = snapshot()
     for target, error, message in [

@@ -95,7 +95,7 @@ def test_redis_killed_between_prepare_and_commit_loses_no_decision(make_cluster)
         after = c.client.hgetall(c.keys.txn(txn["id"]))
         assert after["decision"] == "COMMIT" and after["epoch"] == txn["epoch"]
         assert c.client.hgetall(c.keys.active)["version"] == str(v2)
-        assert c.coordinator.ledger.committed_history() == [v1, v2]
+        assert c.committed_history() == [v1, v2]
         assert (c.status(v1), c.status(v2)) == (S.SUPERSEDED, S.COMMITTED)
         commands = [f for _, f in c.client.xrange(c.keys.rank_commands)]
         assert commands[-1] == {"type": "COMMIT", "txn": txn["id"], "version": str(v2),
@@ -255,7 +255,7 @@ def test_a_seeded_fault_schedule_has_fixed_outcomes_and_ends_every_rank_on_the_a
         # Settled: no open transaction, every rank alive on the active version's digests.
         wait_until(lambda: c.coordinator.ledger.open_txns() == [], timeout_s=60)
         state = c.wait_ready(timeout_s=60)
-        history = c.coordinator.ledger.committed_history()
+        history = c.committed_history()
         context = f"step {step} ({fault}, rank {victim}, {n_acks} acks), version {v}, reply " \
                   f"{reply}, history {history}\n{c.logs()}"  # fmt: skip
         assert history == expected_history, context

@@ -7,10 +7,12 @@ import logging
 import os
 import re
 import signal
+import subprocess
 
 import httpx
 import pytest
 
+from orchestrator.data.ipc import SHM_DIR, SHM_PREFIX
 from orchestrator.rollout.supervisor import Supervisor
 from orchestrator.service.daemon import Refitd
 from orchestrator.service.recovery import RESTART_REASON
@@ -57,7 +59,7 @@ def test_daemon_killed_after_the_decision_every_rank_ends_on_the_new_version(
     wait_until(lambda: c.coordinator.ledger.open_txns() == [])
     assert c.coordinator.ledger.txn(txn["id"]).state.value == "COMMITTED"
     assert (c.status(v1), c.status(v2)) == (S.SUPERSEDED, S.COMMITTED)
-    assert c.coordinator.ledger.committed_history() == [v1, v2]
+    assert c.committed_history() == [v1, v2]
     restarted.stop()
 
 
@@ -88,7 +90,7 @@ def test_daemon_killed_before_the_decision_every_rank_ends_on_the_old_version(
     record = c.versions.get(v2)
     assert record.status == S.ABORTED
     assert record.reason == f"{RESTART_REASON} before a decision"
-    assert c.coordinator.ledger.committed_history() == [v1]
+    assert c.committed_history() == [v1]
     assert c.coordinator.ledger.txn(txn["id"]).state.value == "ABORTED"
     # The cluster works on: the next rollout commits everywhere.
     v3 = c.make_version()
@@ -152,6 +154,30 @@ def test_versions_caught_mid_pipeline_are_aborted_on_restart(make_cluster) -> No
         assert c.client.get(c.keys.update_lock) is None
     finally:
         core.stop()
+
+
+def test_a_start_removes_the_shared_buffers_of_dead_processes_only(
+    make_cluster,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    c = make_cluster(1, start=False)
+    gone = subprocess.Popen(["true"])  # its pid no longer runs once reaped
+    gone.wait()
+    stale = SHM_DIR / f"{SHM_PREFIX}{gone.pid}-killed.buf"
+    live = SHM_DIR / f"{SHM_PREFIX}{os.getpid()}-mine.buf"
+    stale.write_bytes(b"x" * 16)
+    live.write_bytes(b"x" * 16)
+    caplog.set_level(logging.INFO, logger="refitd")
+    core = Refitd(c.settings)
+    try:
+        core.start()
+        assert not stale.exists() and live.exists()
+        assert "shared-memory buffers that dead processes left in /dev/shm" in caplog.text
+        assert stale.name in caplog.text and live.name not in caplog.text
+    finally:
+        core.stop()
+        stale.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)
 
 
 def test_readiness_says_why_the_cluster_is_not_ready(make_cluster) -> None:  # noqa: F811
@@ -220,6 +246,9 @@ def test_serve_keeps_one_agent_per_rank_and_they_stop_and_die_with_it(
     second = wait_until(lambda: (p := pids()) and p[1] != first[1] and p, timeout_s=30)
     assert second[0] == first[0]
     assert "rank 1 agent exited with code -9; restarting" in daemon.log()
+    metrics = httpx.get(f"{daemon.url}/metrics").text
+    assert 'refitd_rank_agent_restarts_total{rank="1"} 1.0' in metrics
+    assert 'refitd_rank_agent_restarts_total{rank="0"}' not in metrics
 
     assert daemon.stop() == 0
     assert not any(process_alive(p) for p in second.values())
@@ -243,14 +272,18 @@ def test_a_crash_looping_agent_is_restarted_ever_more_slowly(
         "ranks: {tp_size: 1, launch: external, restart_backoff_s: 0.1}\n"
     )
     settings = load_settings(config)
-    supervisor = Supervisor(settings, redis_url=settings.redis.url, log_dir=tmp_path / "logs")
-    caplog.set_level(logging.WARNING, logger="refitd.supervisor")
+    restarted: list[int] = []
+    supervisor = Supervisor(settings, redis_url=settings.redis.url, log_dir=tmp_path / "logs",
+                            on_restart=restarted.append)  # fmt: skip
+    caplog.set_level(logging.INFO, logger="refitd.supervisor")
     supervisor.start()
     try:
-        wait_until(lambda: supervisor.restarts[0] >= 3, timeout_s=30)
+        wait_until(lambda: len(restarted) >= 3, timeout_s=30)
     finally:
         supervisor.stop()
+    assert set(restarted) == {0}
     delays = [float(d) for d in re.findall(r"restarting in ([\d.]+)s", caplog.text)]
     assert delays[:3] == [0.1, 0.2, 0.4]
     assert "does not answer" in (tmp_path / "logs" / "rank0.log").read_text()
-    assert supervisor.pids() == {0: None}
+    started = [int(p) for p in re.findall(r"rank 0 agent started \(pid (\d+)\)", caplog.text)]
+    assert len(started) >= 4 and not any(process_alive(p) for p in started)

@@ -14,9 +14,7 @@ from orchestrator.service.sources import (
     UploadSink,
     check_header,
     inspect_files,
-    load_tensors,
     resolve_path_source,
-    scan_non_finite,
 )
 
 EXPECTED = {
@@ -54,7 +52,6 @@ def test_file_and_directory_sources(root: Path) -> None:
     ]
     header = inspect_files(files, max_tensors=10)
     assert header == {"a.weight": ("F32", [4, 8]), "b.weight": ("F32", [8])}
-    assert dict(load_tensors(files)).keys() == {"a.weight", "b.weight"}
 
 
 def test_sharded_index_is_followed(root: Path) -> None:
@@ -198,18 +195,6 @@ def test_header_checks_name_every_problem() -> None:
         check_header({"a.weight": ("BF16", [8, 4]), "b.weight": ("F32", [8])}, EXPECTED)
     with pytest.raises(InvalidUpdate, match=r"a\.weight is I32"):
         check_header({"a.weight": ("I32", [4, 8]), "b.weight": ("F32", [8])}, EXPECTED)
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 3.4e38])
-def test_non_finite_values_are_found_by_name(root: Path, bad: float) -> None:
-    # 3.4e38 is a finite fp32 but overflows bf16, the quantizers' first step.
-    a = torch.randn(4, 8, dtype=torch.float32)
-    a[2, 3] = bad
-    save_file(_state(**{"a.weight": a}), root / "m.safetensors")
-    with pytest.raises(InvalidUpdate, match=r"NaN or Inf in a\.weight"):
-        scan_non_finite(resolve_path_source(str(root / "m.safetensors"), [root]))
-    save_file(_state(), root / "ok.safetensors")
-    scan_non_finite(resolve_path_source(str(root / "ok.safetensors"), [root]))
 
 
 def test_upload_sink_streams_hashes_and_limits(tmp_path: Path) -> None:
