@@ -312,12 +312,6 @@ def _check(item: Item) -> None:
         raise ValueError("scale rows must be contiguous")
 
 
-def weight_errors_reference(item: Item) -> torch.Tensor:
-    """Plain torch, the oracle: the item's own unit errors (fp32, [units]) in the kernel's order."""
-    _check(item)
-    return _relative(*_sums_reference(item))
-
-
 def _sums_reference(item: Item) -> tuple[torch.Tensor, torch.Tensor]:
     """Per unit: sum of squared errors, sum of squared reference values (fp32)."""
     ref = item.ref.float()
@@ -348,4 +342,4 @@ def _relative(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(num), ratio, inf).sqrt()
 
 
-__all__ = ["Item", "Unit", "weight_errors", "weight_errors_reference"]
+__all__ = ["Item", "Unit", "weight_errors"]

@@ -23,8 +23,10 @@ bytes, which the digest it checks will show.
 from __future__ import annotations
 
 import base64
+import fcntl
 import inspect
 import os
+import re
 import stat
 import tempfile
 import weakref
@@ -85,12 +87,17 @@ _shared_buffers: weakref.WeakValueDictionary[int, SharedBuffer] = weakref.WeakVa
 
 class SharedBuffer:
     """A uint8 CPU tensor backed by a file in shared memory (mode 0600, a unique name), that
-    another process can map by its path. `release()` unlinks the file (mappings stay valid)."""
+    another process can map by its path. `release()` unlinks the file (mappings stay valid).
 
-    def __init__(self, path: Path, tensor: torch.Tensor) -> None:
+    Its creator holds a shared flock on the file until the release (or its death, which closes
+    the descriptor): that, not the pid in the name, tells `remove_stale_shared_buffers` that
+    the file is in use, in any pid namespace that shares this /dev/shm."""
+
+    def __init__(self, path: Path, tensor: torch.Tensor, lock_fd: int | None = None) -> None:
         self.path = path
         self.tensor = tensor
         self.released = False
+        self._unlock = weakref.finalize(self, os.close, lock_fd) if lock_fd is not None else None
         if tensor.numel():
             _shared_buffers[tensor.untyped_storage().data_ptr()] = self
 
@@ -103,6 +110,7 @@ class SharedBuffer:
         fd, name = tempfile.mkstemp(prefix=f"{SHM_PREFIX}{os.getpid()}-", suffix=".buf", dir=dir)
         path = Path(name)
         try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
             os.ftruncate(fd, nbytes)
             tensor = (
                 torch.from_file(name, shared=True, size=nbytes, dtype=torch.uint8)
@@ -111,15 +119,16 @@ class SharedBuffer:
             )
         except BaseException:
             path.unlink(missing_ok=True)
-            raise
-        finally:
             os.close(fd)
-        return cls(path, tensor)
+            raise
+        return cls(path, tensor, lock_fd=fd)
 
     def release(self) -> None:
-        """Unlink the file: no new receiver can open it. Idempotent."""
+        """Unlink the file (no new receiver can open it) and drop its lock. Idempotent."""
         self.released = True
         self.path.unlink(missing_ok=True)
+        if self._unlock is not None:
+            self._unlock()
 
     def __enter__(self) -> SharedBuffer:
         return self
@@ -129,21 +138,35 @@ class SharedBuffer:
 
 
 def remove_stale_shared_buffers(dir: Path = SHM_DIR) -> list[Path]:
-    """Unlink the shared buffers that processes no longer alive left in `dir` (a killed daemon
-    or trainer never released its own); returns what it removed. A process in another pid
-    namespace looks dead here, but the tensor door refuses such exporters anyway. Another
-    user's files, which /dev/shm's sticky bit keeps from us, stay."""
+    """Unlink the shared buffers that dead processes left in `dir` (a killed daemon or trainer
+    never released its own); returns what it removed. A file goes only when the pid in its name
+    does not run here and no process holds its lock (one in another pid namespace does); a
+    name that is not `refitd-<pid>-*.buf`, anything but a regular file, and whatever cannot be
+    opened or unlinked stay."""
     removed = []
     for path in sorted(dir.glob(f"{SHM_PREFIX}*.buf")):
-        pid_text = path.name.removeprefix(SHM_PREFIX).split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        match = _SHM_NAME.fullmatch(path.name)
+        if match is None or _alive(int(match[1])):
             continue
         try:
-            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()
+        except OSError:  # held (BlockingIOError), or not ours to remove
+            continue
+        finally:
+            os.close(fd)
         removed.append(path)
     return removed
+
+
+# refitd-<pid>-<mkstemp's random part>.buf; pid_max is at most 2^22 (7 digits).
+_SHM_NAME = re.compile(rf"{re.escape(SHM_PREFIX)}([0-9]{{1,7}})-[^/]*\.buf", re.ASCII)
 
 
 def _alive(pid: int) -> bool:

@@ -18,9 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from kernels.fp8 import BLOCK
 from orchestrator.errors import ConfigError
-from orchestrator.model.gemm import dequantize_activation_groups, quantize_activation_groups
 
 BF16 = torch.bfloat16
 
@@ -136,17 +134,6 @@ def materialize_buffers(model: PreTrainedModel, device: torch.device) -> None:
     assert not stray, f"buffers left on the meta device: {stray}"
 
 
-def quantize_activations(x: torch.Tensor, group_size: int = BLOCK) -> torch.Tensor:
-    """Quantize-dequantize `x` to FP8 per token per `group_size` channels, as served; fp32 out.
-
-    Each run of `group_size` consecutive channels of each token gets one scale absmax / FP8_MAX
-    (SGLang's per_token_group_quant_fp8); a last, shorter group gets its own scale.
-    """
-    flat = x.reshape(-1, x.shape[-1])
-    q, scale = quantize_activation_groups(flat, group_size)
-    return dequantize_activation_groups(q, scale, group_size).view(x.shape)
-
-
 @torch.inference_mode()
 def forward_logits(model: PreTrainedModel, probe: torch.Tensor) -> torch.Tensor:
     """Logits [batch, seq, vocab] of the probe, as the model computes them (bf16)."""
@@ -161,7 +148,6 @@ __all__ = [
     "hf_config",
     "load_weights",
     "materialize_buffers",
-    "quantize_activations",
     "tied_names",
     "tied_sources",
 ]

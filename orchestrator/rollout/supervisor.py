@@ -112,7 +112,8 @@ class Supervisor:
             "--config", str(self.config_path), "--log-level", self.log_level,
         ]  # fmt: skip
 
-    def _spawn(self, rank: int) -> None:
+    def _spawn(self, rank: int) -> bool:
+        """Start the rank's agent; False (and a retry after the backoff) when it cannot be."""
         env = dict(os.environ, REFITD_REDIS__URL=self.redis_url)
         out: IO[bytes] | None = None
         if self.log_dir is not None:
@@ -130,7 +131,7 @@ class Supervisor:
         except OSError as exc:
             log.error("could not start the rank %d agent: %s", rank, exc)
             self._restart_at[rank] = time.monotonic() + self.settings.ranks.restart_backoff_s
-            return
+            return False
         finally:
             if out is not None:
                 out.close()
@@ -138,6 +139,7 @@ class Supervisor:
             self._procs[rank] = proc
         self._started_at[rank] = time.monotonic()
         log.info("rank %d agent started (pid %d)", rank, proc.pid)
+        return True
 
     def _monitor(self) -> None:
         try:
@@ -163,9 +165,13 @@ class Supervisor:
                     self._backoff[rank] = quick if lived < _STABLE_S else base
                 elif now >= self._restart_at[rank]:
                     del self._restart_at[rank]
-                    self._spawn(rank)
-                    if self.on_restart is not None:
-                        self.on_restart(rank)
+                    if self._spawn(rank) and self.on_restart is not None:
+                        # This thread keeps every agent alive (PR_SET_PDEATHSIG): a hook that
+                        # raises must not end it.
+                        try:
+                            self.on_restart(rank)
+                        except Exception:
+                            log.exception("the on_restart hook failed for rank %d", rank)
         self._terminate_all()
 
     def _terminate_all(self) -> None:

@@ -12,8 +12,14 @@ import torch
 from kernels.blockwise import quantize_blockwise_reference
 from kernels.fp8 import BLOCK
 from kernels.per_channel import quantize_per_channel_reference
-from kernels.weight_error import Item, Unit, weight_errors, weight_errors_reference
+from kernels.weight_error import Item, Unit, weight_errors
 from tests.kernels.shapes import INTERPRETER_SHAPES, make_weight, seed_for
+
+
+def weight_errors_reference(item: Item) -> torch.Tensor:
+    """The oracle: plain torch, one item's own unit errors (fp32, [units]) in the kernel's order."""
+    return weight_errors([item], backend="reference")[0]
+
 
 HONEST_BOUND = 2.0**-4
 

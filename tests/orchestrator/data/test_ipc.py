@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import json
 import os
@@ -129,8 +130,26 @@ def test_the_shared_buffers_of_a_dead_process_are_swept_and_live_ones_kept(shm_d
     stale.write_bytes(b"x" * 16)
     live = SharedBuffer.create(16, dir=shm_dir)
     assert live.path.name.startswith(f"{SHM_PREFIX}{os.getpid()}-")
-    assert remove_stale_shared_buffers(shm_dir) == [stale]
-    assert not stale.exists() and live.path.exists()
+    # A dead pid's name, but a process holds the file's lock: its creator, in another pid
+    # namespace that shares /dev/shm. The lock says it is in use.
+    held = shm_dir / f"{SHM_PREFIX}{dead_pid}-held.buf"
+    held.write_bytes(b"x" * 16)
+    holder = os.open(held, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_SH)
+    # Names a hostile user can write there: none may stop a daemon's start, and none goes.
+    odd = [shm_dir / f"{SHM_PREFIX}{n}-x.buf" for n in ("99999999999", "2147483648", "²", "")]
+    for path in odd:
+        path.write_bytes(b"")
+    fifo = shm_dir / f"{SHM_PREFIX}{dead_pid}-fifo.buf"
+    os.mkfifo(fifo)
+    try:
+        assert remove_stale_shared_buffers(shm_dir) == [stale]
+        assert not stale.exists() and live.path.exists() and held.exists() and fifo.exists()
+        assert all(path.exists() for path in odd)
+    finally:
+        os.close(holder)
+    # Its holder gone, the dead pid's file goes too.
+    assert remove_stale_shared_buffers(shm_dir) == [held]
     live.release()
 
 

@@ -16,7 +16,8 @@ import torch
 from kernels.fp8 import FP8_MAX
 from orchestrator.errors import ConfigError, InvalidUpdate
 from orchestrator.model import synthetic
-from orchestrator.model.hf_model import hf_config, quantize_activations
+from orchestrator.model.gemm import dequantize_activation_groups, quantize_activation_groups
+from orchestrator.model.hf_model import hf_config
 from orchestrator.model.planner import ModelPlan, Scheme, scale_name
 from orchestrator.model.probe import logit_metrics, probe_batch
 from orchestrator.model.verification import (
@@ -28,6 +29,15 @@ from orchestrator.model.verification import (
     verify,
 )
 from tests.orchestrator import _tiny_models as tiny
+
+
+def quantize_activations(x: torch.Tensor, group_size: int = 128) -> torch.Tensor:
+    """Quantize-dequantize `x` to FP8 per token per `group_size` channels, as the served model's
+    linears do (SGLang's per_token_group_quant_fp8); fp32 out."""
+    flat = x.reshape(-1, x.shape[-1])
+    q, scale = quantize_activation_groups(flat, group_size)
+    return dequantize_activation_groups(q, scale, group_size).view(x.shape)
+
 
 FAMILIES = tuple(tiny.CONFIGS)
 LOGIT_METRICS = ("mean_kl", "max_kl", "top1_near_agreement", "max_abs_logit_diff")
