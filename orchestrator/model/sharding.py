@@ -87,14 +87,14 @@ def layouts(t: TensorPlan) -> list[_Layout]:
     """How the weight and, when quantized, its scale are laid out over the ranks: (shipped
     name, the dim it is split along or None, each rank's ranges along it)."""
     dim = t.split_dim
-    layouts: list[_Layout] = [(t.name, dim, t.ranges)]
+    out: list[_Layout] = [(t.name, dim, t.ranges)]
     if t.scheme is Scheme.BLOCKWISE:
         in_blocks = tuple(tuple((a // BLOCK, b // BLOCK) for a, b in held) for held in t.ranges)
-        layouts.append((scale_name(t), dim, in_blocks))
+        out.append((scale_name(t), dim, in_blocks))
     elif t.scheme is Scheme.PER_CHANNEL:
         # [out, 1]: rows follow a column split; a row split leaves every row whole on each rank.
-        layouts.append((scale_name(t), 0, t.ranges) if dim == 0 else (scale_name(t), None, ()))
-    return layouts
+        out.append((scale_name(t), 0, t.ranges) if dim == 0 else (scale_name(t), None, ()))
+    return out
 
 
 def _gather(tensor: torch.Tensor, dim: int, held: tuple[Range, ...]) -> torch.Tensor:
